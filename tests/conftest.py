@@ -1,0 +1,21 @@
+"""Shared test settings: float32 on CPU, deterministic, a few helpers."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import hypothesis
+import pytest
+
+hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+hypothesis.settings.load_profile("ci")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+  if not SHARED.exists():
+    pytest.skip(f"shared data directory {SHARED} is absent")
+  return SHARED

@@ -1,0 +1,133 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from hetlora import aggregation
+from hetlora import lora as lora_lib
+
+import numpy_reference as ref
+
+R_MAX = 5
+DIMS = {"q": (6, 4), "v": (3, 7)}
+
+
+def _clients(seed, ranks, dims=DIMS, r_max=R_MAX):
+  """Random stacked factors; slots beyond a rank hold garbage the aggregators must ignore."""
+  rng = np.random.default_rng(seed)
+  k = len(ranks)
+  return {name: {"a": rng.normal(size=(k, d_in, r_max)).astype(np.float32),
+                 "b": rng.normal(size=(k, r_max, d_out)).astype(np.float32)}
+          for name, (d_in, d_out) in dims.items()}
+
+
+def _reference_hetlora(tree, ranks, scales, per_module):
+  """Dense ||dW_k||_F weights, explicit zero-padding and loops."""
+  names = sorted(tree)
+  norms = {n: np.array([np.linalg.norm(ref.dense_update(tree[n]["a"][k], tree[n]["b"][k], r, s))
+                        for k, (r, s) in enumerate(zip(ranks, scales))]) for n in names}
+  out = {}
+  for n in names:
+    w = norms[n] if per_module else sum(norms[m] for m in names)
+    w = w / w.sum()
+    a, b = ref.weighted_average_padded(tree[n]["a"], tree[n]["b"], ranks, w, R_MAX)
+    out[n] = {"a": a, "b": b}
+  return out
+
+
+def _assert_tree_close(got, want, rtol=1e-5, atol=1e-6):
+  for n in want:
+    for f in ("a", "b"):
+      np.testing.assert_allclose(np.asarray(got[n][f]), want[n][f], rtol=rtol, atol=atol)
+
+
+def _args(ranks, n, scales):
+  return (jnp.asarray(ranks, jnp.int32), jnp.asarray(n, jnp.float32), jnp.asarray(scales, jnp.float32))
+
+
+@pytest.mark.parametrize("per_module", [False, True])
+def test_hetlora_matches_dense_reference(per_module):
+  ranks, n = [1, 3, 5, 2], [10, 1, 4, 7]
+  scales = [ref.scale(r, 8.0, "alpha/r", R_MAX) for r in ranks]
+  tree = _clients(0, ranks)
+  got = aggregation.hetlora(tree, *_args(ranks, n, scales), per_module=per_module)
+  _assert_tree_close(got, _reference_hetlora(tree, ranks, scales, per_module))
+
+
+def test_zero_pad_and_fedavg_match_reference():
+  ranks, n = [1, 3, 5, 2], [10, 1, 4, 7]
+  tree = _clients(1, ranks)
+  p = np.array(n) / np.sum(n)
+  want = {}
+  for name in tree:
+    a, b = ref.weighted_average_padded(tree[name]["a"], tree[name]["b"], ranks, p, R_MAX)
+    want[name] = {"a": a, "b": b}
+  for fn in (aggregation.zero_pad, aggregation.fedavg, aggregation.get("zero_pad")):
+    _assert_tree_close(fn(tree, *_args(ranks, n, np.ones(4))), want)
+
+
+def test_norms_come_from_gram_matrices():
+  ranks = [2, 5]
+  scales = [0.5, 3.0]
+  tree = _clients(2, ranks)
+  got = aggregation.update_norms_sq(tree, *_args(ranks, [1, 1], scales)[::2])
+  for name in tree:
+    for k in range(2):
+      dense = ref.dense_update(tree[name]["a"][k], tree[name]["b"][k], ranks[k], scales[k])
+      np.testing.assert_allclose(float(got[name][k]), np.sum(dense ** 2), rtol=1e-5)
+
+
+@given(st.lists(st.integers(1, R_MAX), min_size=1, max_size=6), st.integers(0, 10_000),
+       st.booleans())
+def test_properties_masked_slots_zero_and_weights_convex(ranks, seed, per_module):
+  rng = np.random.default_rng(seed)
+  n = rng.integers(1, 50, len(ranks))
+  tree = _clients(seed, ranks)
+  args = _args(ranks, n, rng.uniform(0.1, 4, len(ranks)))
+  top = max(ranks)
+  for name in aggregation.names():
+    out = aggregation.get(name)(tree, *args)
+    for mod in out.values():  # no client has slots >= top: they stay exactly zero
+      assert float(jnp.abs(mod["a"][:, top:]).max(initial=0.0)) == 0.0
+      assert float(jnp.abs(mod["b"][top:, :]).max(initial=0.0)) == 0.0
+  norms = aggregation.update_norms_sq(tree, args[0], args[2])
+  total = jnp.sqrt(sum(jax.tree.leaves(norms)))
+  w = aggregation.sparsity_weights(total, aggregation.example_weights(args[1]))
+  assert float(w.min()) >= 0.0
+  np.testing.assert_allclose(float(w.sum()), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(aggregation.example_weights(args[1]).sum()), 1.0, rtol=1e-6)
+
+
+def test_homogeneous_case_all_methods_agree_and_recover_identical_clients():
+  ranks = [4, 4, 4]
+  tree = _clients(3, ranks)
+  # equal update norms: give every client the same factors up to a rank-slot sign flip
+  signs = np.array([1, -1, 1], np.float32)[:, None, None]
+  tree = {n: {"a": m["a"][:1] * signs, "b": m["b"][:1] * signs} for n, m in tree.items()}
+  args = _args(ranks, [5, 5, 5], [2.0] * 3)
+  outs = [aggregation.get(n)(tree, *args) for n in ("fedavg", "zero_pad", "hetlora")]
+  for other in outs[1:]:
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6), outs[0], other)
+  same = {n: {"a": np.repeat(m["a"][:1], 3, 0), "b": np.repeat(m["b"][:1], 3, 0)} for n, m in tree.items()}
+  want = {n: {"a": m["a"][0], "b": m["b"][0]} for n, m in same.items()}
+  for name in aggregation.names():
+    rec = aggregation.get(name)(same, *args)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-6), rec, want)
+
+
+def test_all_zero_updates_fall_back_to_example_weights():
+  ranks = [2, 3]
+  tree = _clients(4, ranks)
+  tree = {n: {"a": m["a"], "b": np.zeros_like(m["b"])} for n, m in tree.items()}
+  args = _args(ranks, [1, 3], [1.0, 1.0])
+  got = aggregation.hetlora(tree, *args)
+  _assert_tree_close(got, jax.tree.map(np.asarray, aggregation.zero_pad(tree, *args)))
+
+
+def test_registry_and_shape_errors():
+  with pytest.raises(ValueError, match="method.aggregator"):
+    aggregation.get("fedprox")
+  tree = _clients(5, [1, 2])
+  with pytest.raises(ValueError, match="stacked"):
+    aggregation.fedavg(jax.tree.map(lambda x: x[0], tree), *_args([1], [1], [1]))
