@@ -110,7 +110,7 @@ def test_homogeneous_case_all_methods_agree_and_recover_identical_clients():
   for other in outs[1:]:
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6), outs[0], other)
   same = {n: {"a": np.repeat(m["a"][:1], 3, 0), "b": np.repeat(m["b"][:1], 3, 0)} for n, m in tree.items()}
-  want = {n: {"a": m["a"][0], "b": m["b"][0]} for n, m in same.items()}
+  want = {n: dict(zip("ab", ref.pad_to(m["a"][0], m["b"][0], 4, R_MAX))) for n, m in same.items()}
   for name in aggregation.names():
     rec = aggregation.get(name)(same, *args)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-6), rec, want)
