@@ -1,0 +1,186 @@
+"""Loading a Hugging Face BERT checkpoint (``config.json`` + ``model.safetensors``).
+
+HF stores ``nn.Linear`` weights as ``[out, in]``; Flax kernels are
+``[in, out]``, so linear weights are transposed. Names may carry a ``bert.``
+prefix (``BertFor*`` checkpoints). Unused tensors (pooler, ``position_ids``,
+task heads) are ignored. No hub calls: the directory is a local path or a
+known package model (:func:`hetlora.models.files.resolve`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from hetlora.models import files
+from hetlora.models.bert import BertConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# safetensors dtype tag -> numpy dtype.
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_FLOAT_TAGS = ("F64", "F32", "F16", "BF16")
+
+
+def read_safetensors(path: str | os.PathLike, names: set[str] | None = None
+                     ) -> dict[str, np.ndarray]:
+  """Reads tensors (all, or those in ``names``) from a ``.safetensors`` file.
+
+  Format: 8-byte little-endian header length, a JSON header
+  ``{name: {dtype, shape, data_offsets}}``, then the raw data.
+
+  Raises:
+    ValueError: the file is malformed, or a wanted tensor has a dtype this
+      reader cannot decode.
+  """
+  path = Path(path)
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise ValueError(f"{path} is too short to be a safetensors file.")
+    (n,) = struct.unpack("<Q", raw)
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: unreadable safetensors header ({e}).") from None
+    header.pop("__metadata__", None)
+    data = f.read()
+  out = {}
+  for name, info in header.items():
+    if names is not None and name not in names:
+      continue
+    tag = info["dtype"]
+    if tag not in SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {tag}, which cannot be read; "
+                       f"supported: {sorted(SAFETENSORS_DTYPES)}. Convert the checkpoint "
+                       "to F32/F16/BF16.")
+    start, end = info["data_offsets"]
+    arr = np.frombuffer(data[start:end], dtype=SAFETENSORS_DTYPES[tag])
+    out[name] = arr.reshape(info["shape"])
+  return out
+
+
+def _hf_names(config: BertConfig) -> dict[str, tuple[str, bool]]:
+  """``{flax path: (HF name without prefix, transpose?)}`` for the encoder."""
+  m = {
+      "embeddings/word_embeddings/embedding": ("embeddings.word_embeddings.weight", False),
+      "embeddings/position_embeddings/embedding":
+          ("embeddings.position_embeddings.weight", False),
+      "embeddings/token_type_embeddings/embedding":
+          ("embeddings.token_type_embeddings.weight", False),
+      "embeddings/layer_norm/scale": ("embeddings.LayerNorm.weight", False),
+      "embeddings/layer_norm/bias": ("embeddings.LayerNorm.bias", False),
+  }
+  per_layer = {
+      "attention/query": "attention.self.query",
+      "attention/key": "attention.self.key",
+      "attention/value": "attention.self.value",
+      "attention/output": "attention.output.dense",
+      "mlp/intermediate": "intermediate.dense",
+      "mlp/output": "output.dense",
+  }
+  norms = {"attention_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"}
+  for i in range(config.num_hidden_layers):
+    ours, theirs = f"encoder/layer_{i}", f"encoder.layer.{i}"
+    for o, t in per_layer.items():
+      m[f"{ours}/{o}/kernel"] = (f"{theirs}.{t}.weight", True)
+      m[f"{ours}/{o}/bias"] = (f"{theirs}.{t}.bias", False)
+    for o, t in norms.items():
+      m[f"{ours}/{o}/scale"] = (f"{theirs}.{t}.weight", False)
+      m[f"{ours}/{o}/bias"] = (f"{theirs}.{t}.bias", False)
+  return m
+
+
+def load_config(model: str | os.PathLike) -> BertConfig:
+  """The :class:`BertConfig` of a model directory (or known model name)."""
+  directory = _model_dir(model)
+  return BertConfig.from_json(_require(directory, CONFIG_FILE, "the model's HF config"))
+
+
+def load_bert(model: str | os.PathLike, dtype: Any = None) -> tuple[BertConfig, dict]:
+  """Loads a HF BERT checkpoint into the :class:`hetlora.models.bert.BertModel` tree.
+
+  Args:
+    model: a local directory with ``config.json`` and ``model.safetensors``,
+      or a known model name such as ``'all-minilm-l6-v2'``.
+    dtype: if given, cast floating tensors to it (e.g. ``jnp.bfloat16``);
+      default keeps the stored dtype.
+
+  Returns:
+    ``(config, params)`` with ``params['encoder']['layer_0']['attention']
+    ['query']['kernel']: [H, H]`` (``[d_in, d_out]``), as ``jnp`` arrays.
+
+  Raises:
+    FileNotFoundError: the directory or one of its files is missing.
+    ValueError: unsupported ``model_type``, unreadable dtype, or missing
+      tensors (the message lists them).
+  """
+  directory = _model_dir(model)
+  config = BertConfig.from_json(_require(directory, CONFIG_FILE, "the model's HF config"))
+  weights = _require(directory, WEIGHTS_FILE, "the model weights in safetensors format")
+  mapping = _hf_names(config)
+  wanted = {name for name, _ in mapping.values()}
+  tensors = read_safetensors(weights, names=wanted | {"bert." + n for n in wanted})
+  prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+  missing = sorted(prefix + n for n in wanted if prefix + n not in tensors)
+  if missing:
+    raise ValueError(
+        f"{weights} lacks {len(missing)} tensor(s) a {config.num_hidden_layers}-layer BERT "
+        f"needs, e.g. {missing[:5]}; is this a BERT checkpoint matching {CONFIG_FILE}?")
+  flat = {}
+  for path, (name, transpose) in mapping.items():
+    arr = tensors[prefix + name]
+    if transpose:
+      arr = arr.T
+    arr = jnp.asarray(arr)
+    if dtype is not None and jnp.issubdtype(arr.dtype, jnp.floating):
+      arr = arr.astype(dtype)
+    flat[path] = arr
+  _check_shapes(flat, config, weights)
+  return config, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _check_shapes(flat: dict, config: BertConfig, source: Path) -> None:
+  h, i = config.hidden_size, config.intermediate_size
+  expect = {
+      "embeddings/word_embeddings/embedding": (config.vocab_size, h),
+      "embeddings/position_embeddings/embedding": (config.max_position_embeddings, h),
+      "encoder/layer_0/attention/query/kernel": (h, h),
+      "encoder/layer_0/mlp/intermediate/kernel": (h, i),
+      "encoder/layer_0/mlp/output/kernel": (i, h),
+  }
+  for path, shape in expect.items():
+    if tuple(flat[path].shape) != shape:
+      raise ValueError(f"{source}: {path} has shape {tuple(flat[path].shape)}, but "
+                       f"{CONFIG_FILE} implies {shape}.")
+
+
+def _model_dir(model: str | os.PathLike) -> Path:
+  path = files.resolve(model)
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"{path} is not a directory; a BERT model is a directory holding "
+        f"{CONFIG_FILE} and {WEIGHTS_FILE}.")
+  return path
+
+
+def _require(directory: Path, name: str, what: str) -> Path:
+  path = directory / name
+  if not path.is_file():
+    present = sorted(p.name for p in directory.iterdir())[:20]
+    raise FileNotFoundError(f"{path} is missing: expected {what} ({name}); "
+                            f"the directory holds {present}.")
+  return path
