@@ -1,0 +1,265 @@
+"""Loading Llama-family weights offline: GGUF files and Hugging Face safetensors dirs.
+
+GGUF (llama.cpp's format) stores each tensor with its dims listed innermost
+first and, for quantised types, in blocks (e.g. ``Q4_1``: 32 weights as
+``w = d * q + m`` with 4-bit ``q`` and fp16 ``d, m``; ``Q8_0``: ``w = d * q``
+with 8-bit ``q``). Every tensor is dequantised once, at load, with
+``gguf.quants.dequantize``. llama.cpp's converter reorders the rows of each
+Llama Q/K head so rotary pairs are adjacent: Hugging Face row ``h*hd + j*hd/2 + i``
+is stored at GGUF row ``h*hd + 2i + j``; :func:`unpermute_qk` undoes it so the
+model's half-rotation RoPE applies.
+
+Both loaders return ``(LlamaConfig, params)`` with params matching
+:class:`hetlora.models.llama.Llama` (2-D kernels ``[d_in, d_out]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from hetlora.models.llama import LlamaConfig
+
+GGUF_ARCHS = ("llama", "qwen2")
+HF_ARCHS = ("llama", "qwen2", "mistral")
+
+
+def _supported_types():
+  import gguf
+  t = gguf.GGMLQuantizationType
+  return {t.F32, t.F16, t.BF16, t.Q8_0, t.Q4_0, t.Q4_1, t.Q5_0, t.Q5_1}
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's Q/K row order.
+
+  Args:
+    w: ``[n_heads * head_dim, d_in]`` (GGUF row order, PyTorch ``[out, in]``).
+    n_heads: query heads for Q, key/value heads for K.
+
+  Returns:
+    ``[n_heads * head_dim, d_in]`` in Hugging Face row order.
+  """
+  rows = w.shape[0]
+  hd = rows // n_heads
+  rest = w.shape[1:]
+  return w.reshape(n_heads, hd // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Metadata and float32 tensors of a GGUF file.
+
+  Returns:
+    ``(metadata, tensors)``: ``metadata`` maps each key to its Python value
+    (arrays of strings/ints are lists); ``tensors`` maps each name to a
+    float32 array in numpy order (the reverse of GGUF's listed dims).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a tensor's type is not supported (names tensor, file and type).
+  """
+  import gguf
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+  reader = gguf.GGUFReader(path)
+  meta = {}
+  for name, field in reader.fields.items():
+    if name.startswith("GGUF."):
+      continue
+    meta[name] = field.contents()
+  supported = _supported_types()
+  tensors = {}
+  for t in reader.tensors:
+    if t.tensor_type not in supported:
+      raise ValueError(
+          f"tensor {t.name!r} in {str(path)!r} has type {t.tensor_type.name}, which this loader "
+          f"does not support; supported: {sorted(s.name for s in supported)}. "
+          f"Re-export the model with one of those types.")
+    w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
+    expected = tuple(int(d) for d in reversed(t.shape))
+    tensors[t.name] = w.reshape(expected)
+  return meta, tensors
+
+
+def config_from_gguf(meta: dict[str, Any], tensors: dict[str, np.ndarray], path: str = "") -> LlamaConfig:
+  """A :class:`LlamaConfig` from GGUF ``<arch>.*`` metadata."""
+  arch = meta.get("general.architecture")
+  if arch not in GGUF_ARCHS:
+    raise ValueError(f"GGUF {path!r}: architecture {arch!r} is not supported; supported: {GGUF_ARCHS}.")
+
+  def get(key, default=None):
+    value = meta.get(f"{arch}.{key}", default)
+    if value is None:
+      raise ValueError(f"GGUF {path!r} lacks metadata key {arch}.{key!s}.")
+    return value
+
+  d_model = int(get("embedding_length"))
+  n_heads = int(get("attention.head_count"))
+  vocab = tensors["token_embd.weight"].shape[0]
+  return LlamaConfig(
+      vocab_size=int(vocab),
+      d_model=d_model,
+      n_layers=int(get("block_count")),
+      n_heads=n_heads,
+      n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+      head_dim=int(get("attention.key_length", d_model // n_heads)),
+      ffn=int(get("feed_forward_length")),
+      rope_theta=float(get("rope.freq_base", 10000.0)),
+      rms_eps=float(np.float32(get("attention.layer_norm_rms_epsilon"))),
+      tie_embeddings="output.weight" not in tensors,
+      qkv_bias="blk.0.attn_q.bias" in tensors,
+  )
+
+
+def _kernel(w: np.ndarray) -> np.ndarray:
+  """PyTorch ``[out, in]`` -> Flax ``[in, out]``."""
+  return np.ascontiguousarray(w.T)
+
+
+def load_gguf(path: str | os.PathLike, param_dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict]:
+  """Config and parameters of a Llama/Qwen2 GGUF, dequantised once.
+
+  Args:
+    path: a ``.gguf`` file (see :func:`hetlora.models.files.resolve`).
+    param_dtype: dtype of the returned arrays.
+
+  Returns:
+    ``(config, params)``; ``params`` nests like ``Llama(config)``'s.
+
+  Example:
+    >>> cfg, params = load_gguf(resolve('smollm2-135m-instruct'))
+    >>> params['layers_0']['attn']['q_proj']['kernel'].shape
+    (576, 576)
+  """
+  meta, t = read_gguf_tensors(path)
+  cfg = config_from_gguf(meta, t, str(path))
+  permute = meta["general.architecture"] == "llama"
+
+  def take(name):
+    if name not in t:
+      raise KeyError(f"GGUF {str(path)!r} has no tensor {name!r}.")
+    return t[name]
+
+  def arr(x):
+    return jnp.asarray(x, param_dtype)
+
+  params: dict[str, Any] = {"embed_tokens": {"embedding": arr(take("token_embd.weight"))},
+                            "norm": {"scale": arr(take("output_norm.weight"))}}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = {"kernel": arr(_kernel(take("output.weight")))}
+  for i in range(cfg.n_layers):
+    p = f"blk.{i}."
+    attn = {}
+    for ours, theirs, heads in (("q_proj", "attn_q", cfg.n_heads), ("k_proj", "attn_k", cfg.n_kv_heads),
+                                ("v_proj", "attn_v", None), ("o_proj", "attn_output", None)):
+      w = take(p + theirs + ".weight")
+      if permute and heads:
+        w = unpermute_qk(w, heads)
+      attn[ours] = {"kernel": arr(_kernel(w))}
+      if cfg.qkv_bias and ours != "o_proj":
+        bias = take(p + theirs + ".bias")
+        if permute and heads:
+          bias = unpermute_qk(bias, heads)
+        attn[ours]["bias"] = arr(bias)
+    mlp = {ours: {"kernel": arr(_kernel(take(p + theirs + ".weight")))}
+           for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"))}
+    params[f"layers_{i}"] = {
+        "attn_norm": {"scale": arr(take(p + "attn_norm.weight"))},
+        "attn": attn,
+        "mlp_norm": {"scale": arr(take(p + "ffn_norm.weight"))},
+        "mlp": mlp,
+    }
+  return cfg, params
+
+
+def config_from_hf(hf: dict[str, Any], path: str = "") -> LlamaConfig:
+  """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict."""
+  model_type = hf.get("model_type")
+  if model_type not in HF_ARCHS:
+    raise ValueError(f"{path!r}: model_type {model_type!r} is not supported; supported: {HF_ARCHS}.")
+  scaling = hf.get("rope_scaling")
+  if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+    raise ValueError(f"{path!r}: rope_scaling {scaling!r} is not supported; only plain RoPE is.")
+  d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+  return LlamaConfig(
+      vocab_size=int(hf["vocab_size"]),
+      d_model=d_model,
+      n_layers=int(hf["num_hidden_layers"]),
+      n_heads=n_heads,
+      n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+      head_dim=int(hf.get("head_dim") or d_model // n_heads),
+      ffn=int(hf["intermediate_size"]),
+      rope_theta=float(hf.get("rope_theta", 10000.0)),
+      rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+  )
+
+
+def load_hf_safetensors(directory: str | os.PathLike,
+                        param_dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict]:
+  """Config and parameters of a Hugging Face Llama-style directory.
+
+  Reads ``config.json`` and every ``*.safetensors`` file (single or sharded),
+  with names like ``model.layers.N.self_attn.q_proj.weight: [out, in]``,
+  transposed to ``[in, out]`` kernels.
+  """
+  from safetensors import safe_open
+  directory = Path(directory)
+  cfg_path = directory / "config.json"
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f"{str(cfg_path)!r} does not exist; pass a Hugging Face model directory.")
+  files = sorted(directory.glob("*.safetensors"))
+  if not files:
+    raise FileNotFoundError(f"no *.safetensors file in {str(directory)!r}.")
+  cfg = config_from_hf(json.loads(cfg_path.read_text()), str(directory))
+  t: dict[str, np.ndarray] = {}
+  for f in files:
+    with safe_open(f, framework="flax") as fh:
+      for name in fh.keys():
+        t[name] = np.asarray(fh.get_tensor(name).astype(jnp.float32))
+
+  def take(name):
+    if name not in t:
+      raise KeyError(f"{str(directory)!r} has no tensor {name!r}.")
+    return t[name]
+
+  def arr(x):
+    return jnp.asarray(x, param_dtype)
+
+  params: dict[str, Any] = {"embed_tokens": {"embedding": arr(take("model.embed_tokens.weight"))},
+                            "norm": {"scale": arr(take("model.norm.weight"))}}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = {"kernel": arr(_kernel(take("lm_head.weight")))}
+  for i in range(cfg.n_layers):
+    p = f"model.layers.{i}."
+    attn = {}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      attn[name] = {"kernel": arr(_kernel(take(f"{p}self_attn.{name}.weight")))}
+      if cfg.qkv_bias and name != "o_proj":
+        attn[name]["bias"] = arr(take(f"{p}self_attn.{name}.bias"))
+    mlp = {name: {"kernel": arr(_kernel(take(f"{p}mlp.{name}.weight")))}
+           for name in ("gate_proj", "up_proj", "down_proj")}
+    params[f"layers_{i}"] = {
+        "attn_norm": {"scale": arr(take(p + "input_layernorm.weight"))},
+        "attn": attn,
+        "mlp_norm": {"scale": arr(take(p + "post_attention_layernorm.weight"))},
+        "mlp": mlp,
+    }
+  return cfg, params
+
+
+def load(path: str | os.PathLike, param_dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict]:
+  """:func:`load_gguf` for a ``.gguf`` file, :func:`load_hf_safetensors` for a directory."""
+  path = Path(path)
+  if path.is_dir():
+    return load_hf_safetensors(path, param_dtype)
+  if path.suffix == ".gguf":
+    return load_gguf(path, param_dtype)
+  raise FileNotFoundError(f"{str(path)!r} is neither a .gguf file nor a Hugging Face model directory.")
