@@ -36,6 +36,7 @@ from hetlora import aggregation
 from hetlora import lora as lora_lib
 
 LossFn = Callable[[Any, lora_lib.LoRA, Mapping[str, jax.Array]], jax.Array]
+TRAINABLE = ("ab", "b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +67,22 @@ class Pruning:
 
 @dataclasses.dataclass(frozen=True)
 class LocalSpec:
-  """What every client of a run shares: model loss, optimizer, scale rule."""
+  """What every client of a run shares: model loss, optimizer, scale rule.
+
+  ``trainable``: ``'ab'`` trains both factors; ``'b'`` keeps ``a`` fixed at
+  its starting value (FFA-LoRA, Sun et al., ICLR 2024): the optimizer's
+  update of ``a`` (gradient step and any weight decay) is replaced by zero.
+  """
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   alpha: float
   scale_rule: str = "alpha/r"
   pruning: Pruning = Pruning()
+  trainable: str = "ab"
+
+  def __post_init__(self):
+    if self.trainable not in TRAINABLE:
+      raise ValueError(f"client.trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
 
 
 @chex.dataclass(frozen=True)
@@ -149,6 +160,8 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
     batch, mask = xs
     (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, mask)
     updates, new_opt_state = spec.optimizer.update(grads, opt_state, params)
+    if spec.trainable == "b":
+      updates = lora_lib.map_modules(lambda u: {"a": jnp.zeros_like(u["a"]), "b": u["b"]}, updates)
     new_params = lora_lib.mask(optax.apply_updates(params, updates), rank)
     n = jnp.sum(mask)
     keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(n > 0, x, y), new, old)

@@ -1,0 +1,103 @@
+"""FlexLoRA: aggregate full updates, redistribute by truncated SVD.
+
+Bai, Chen, Zhao, Li, Xie, Li, Ding, Zhou. Federated Fine-tuning of Large
+Language Models under Heterogeneous Tasks and Client Resources. NeurIPS 2024
+(arXiv 2402.11505), Sec. 3 ("FlexLoRA"). The server forms the weighted full
+update and gives client ``k`` its best rank-``r_k`` approximation::
+
+    dW = sum_k p_k s_k a_k diag(m_k) b_k  = U S V^T,       p_k = n_k / sum_j n_j
+    client k:  a_k = U[:, :r_k],   b_k = S[:r_k] V[:, :r_k]^T / s_k
+
+(all singular values on the output-side factor, as the authors' code puts
+them on their ``B``; ``s_k`` the client's own scale, so ``s_k a_k b_k`` is
+the rank-``r_k`` truncation of ``dW``). The SVD is computed without forming
+the ``[d_in, d_out]`` matrix: with ``A = [sqrt(p_k s_k) a_k diag(m_k)]_k:
+[d_in, R]`` and ``B = [sqrt(p_k s_k) diag(m_k) b_k]_k: [R, d_out]``
+(``R = K r_max``), ``dW = A B``; reduced QRs ``A = Q_a R_a``, ``B^T = Q_b R_b``
+and the SVD of the small core ``R_a R_b^T = U_c S V_c^T``
+(``[min(d_in, R), min(d_out, R)]``) give ``U = Q_a U_c``, ``V = Q_b V_c``.
+
+Truncations of one SVD are nested, so the server holds only the rank-``r_max``
+factors ``a = U[:, :r_max]``, ``b = S[:r_max] V[:, :r_max]^T``: **scale 1**
+(the global update is ``a b``, not ``s a b``), and :func:`distribute`
+truncates to ``r_k`` and divides ``b`` by ``s_k``. Base weights are never
+merged.
+
+Scale: any rule; ``scales`` must be each client's actual ``s_k`` (the paper
+uses ``alpha / r_k``; the reference code hard-codes ``alpha = 16``, we do not).
+
+Importing this module registers ``'flexlora'`` in :mod:`hetlora.aggregation`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hetlora import aggregation
+from hetlora import flora
+from hetlora import lora as lora_lib
+
+LoRA = lora_lib.LoRA
+
+
+def svd_of_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Thin SVD of ``a @ b`` without forming it.
+
+  Args:
+    a: ``[d_in, R]``; b: ``[R, d_out]``.
+
+  Returns:
+    ``u: [d_in, q]``, ``s: [q]`` (descending), ``vt: [q, d_out]`` with
+    ``q = min(d_in, d_out, R)`` and ``u diag(s) vt == a @ b``.
+
+  Example:
+    >>> u, s, vt = svd_of_product(jnp.eye(3, 2), 2 * jnp.eye(2, 4))
+    >>> s.tolist()
+    [2.0, 2.0]
+  """
+  q_a, r_a = jnp.linalg.qr(a)            # [d_in, qa], [qa, R]
+  q_b, r_b = jnp.linalg.qr(b.T)          # [d_out, qb], [qb, R]
+  u_c, s, vt_c = jnp.linalg.svd(r_a @ r_b.T, full_matrices=False)
+  return q_a @ u_c, s, vt_c @ q_b.T
+
+
+@jax.jit
+def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array) -> LoRA:
+  """Rank-``r_max`` SVD factors of ``dW = sum_k p_k s_k a_k diag(m_k) b_k``.
+
+  Args:
+    lora: stacked tree ``a: [K, d_in, r_max]``, ``b: [K, r_max, d_out]``.
+    ranks: ``int32[K]``; num_examples: ``float[K]``; scales: ``float[K]``
+      (``s_k >= 0``, each client's own scale).
+
+  Returns:
+    ``a = U[:, :r_max]: [d_in, r_max]``, ``b = S V^T[:r_max]: [r_max, d_out]``,
+    scale 1 (zero-padded if ``min(d_in, d_out) < r_max``).
+  """
+  aggregation._check(lora, ranks, num_examples, scales)  # pylint: disable=protected-access
+  r_max = lora_lib.r_max_of(lora)
+  w = jnp.sqrt(aggregation.example_weights(num_examples) * scales.astype(jnp.float32))
+
+  def one(mod):
+    u, s, vt = svd_of_product(*flora.stacked_factors(mod, ranks, w, w))
+    return {"a": u[:, :r_max].astype(mod["a"].dtype),
+            "b": (s[:r_max, None] * vt[:r_max]).astype(mod["b"].dtype)}
+
+  return lora_lib.resize(lora_lib.map_modules(one, lora), r_max)
+
+
+def distribute(global_lora: LoRA, ranks: jax.Array, scales: jax.Array) -> LoRA:
+  """Client factors ``a_k = U[:, :r_k]``, ``b_k = S V^T[:r_k] / s_k``: stacked ``[K, ...]``.
+
+  Args:
+    global_lora: the server's scale-1 tree from :func:`flexlora`.
+    ranks: ``int32[K]``; scales: ``float[K]`` the clients' scales (``> 0``).
+  """
+  inv = 1.0 / scales
+  return lora_lib.map_modules(
+      lambda mod: {"a": mod["a"], "b": mod["b"] * inv[:, None, None].astype(mod["b"].dtype)},
+      lora_lib.truncate(global_lora, ranks))
+
+
+aggregation.register("flexlora", flexlora)

@@ -1,0 +1,90 @@
+"""FlexLoRA: factored SVD against dense numpy SVDs, distribution, special cases."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hetlora import aggregation
+from hetlora import flexlora
+from hetlora import lora as lora_lib
+import methods_reference as ref
+
+R_MAX, D_IN, D_OUT = 4, 9, 7
+
+
+def _product(mod):
+  return np.asarray(mod["a"], np.float64) @ np.asarray(mod["b"], np.float64)
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 6), (5, 12, 4), (3, 7, 9)])
+def test_svd_of_product_matches_dense_svd_up_to_sign(shape):
+  d_in, r, d_out = shape
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(d_in, r)), rng.normal(size=(r, d_out))
+  u, s, vt = jax.jit(flexlora.svd_of_product)(jnp.float32(a), jnp.float32(b))
+  u_np, s_np, vt_np = np.linalg.svd(a @ b, full_matrices=False)
+  q = min(d_in, d_out, r)
+  assert u.shape == (d_in, q) and s.shape == (q,) and vt.shape == (q, d_out)
+  assert ref.rel_err(s, s_np[:q]) <= 1e-5
+  signs = np.sign(np.sum(np.asarray(u) * u_np[:, :q], axis=0))
+  assert ref.rel_err(np.asarray(u) * signs, u_np[:, :q]) <= 1e-5
+  assert ref.rel_err(np.asarray(vt) * signs[:, None], vt_np[:q]) <= 1e-5
+
+
+def _aggregate(ranks, n, scales, seed=0):
+  rng = np.random.default_rng(seed)
+  a_l, b_l = ref.random_clients(rng, len(ranks), D_IN, D_OUT, R_MAX, ranks)
+  out = flexlora.flexlora(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32),
+                          jnp.array(n, jnp.float32), jnp.array(scales, jnp.float32))
+  return out, ref.weighted_update(a_l, b_l, ranks, n, scales), (a_l, b_l)
+
+
+def test_global_is_best_rank_r_max_approximation():
+  out, dw, _ = _aggregate([1, 3, 4, 2], [5., 1., 2., 3.], [2., 0.5, 0.25, 1.])
+  assert ref.rel_err(_product(out["q"]), ref.best_rank(dw, R_MAX)) <= 1e-5
+  assert out["q"]["a"].shape == (D_IN, R_MAX) and out["q"]["b"].shape == (R_MAX, D_OUT)
+
+
+@hypothesis.given(ranks=st.lists(st.integers(1, R_MAX), min_size=3, max_size=3),
+                  alpha=st.sampled_from([1.0, 8.0, 16.0]),
+                  rule=st.sampled_from(lora_lib.SCALE_RULES))
+def test_distribution_gives_each_client_its_best_rank_approximation(ranks, alpha, rule):
+  scales = [float(lora_lib.scale(r, alpha, rule, R_MAX)) for r in ranks]
+  out, dw, _ = _aggregate(ranks, [3., 1., 2.], scales, seed=sum(ranks))
+  clients = flexlora.distribute(out, jnp.array(ranks), jnp.array(scales))["q"]
+  for k, (r, s) in enumerate(zip(ranks, scales)):
+    got = s * np.asarray(clients["a"][k], np.float64) @ np.asarray(clients["b"][k], np.float64)
+    assert ref.rel_err(got, ref.best_rank(dw, r)) <= 1e-5
+    assert not np.any(np.asarray(clients["a"][k][:, r:]))
+
+
+def test_equal_ranks_give_best_rank_r_of_the_averaged_update():
+  ranks, scales = [2, 2, 2], [4., 4., 4.]
+  out, dw, _ = _aggregate(ranks, [1., 2., 3.], scales)
+  clients = flexlora.distribute(out, jnp.array(ranks), jnp.array(scales))["q"]
+  got = 4.0 * np.asarray(clients["a"][0], np.float64) @ np.asarray(clients["b"][0], np.float64)
+  assert ref.rel_err(got, ref.best_rank(dw, 2)) <= 1e-5
+
+
+@hypothesis.given(rank=st.integers(1, R_MAX), s=st.floats(0.1, 10.0))
+def test_one_client_is_reproduced_exactly(rank, s):
+  out, dw, _ = _aggregate([rank], [7.0], [s], seed=rank)
+  client = flexlora.distribute(out, jnp.array([rank]), jnp.array([s]))["q"]
+  got = s * np.asarray(client["a"][0], np.float64) @ np.asarray(client["b"][0], np.float64)
+  assert ref.rel_err(got, dw) <= 1e-5
+
+
+def test_narrow_kernels_are_zero_padded_to_r_max():
+  rng = np.random.default_rng(3)
+  a_l, b_l = ref.random_clients(rng, 2, 3, 2, 6, [6, 5])
+  out = flexlora.flexlora(ref.to_tree(a_l, b_l), jnp.array([6, 5]), jnp.ones(2), jnp.ones(2))["q"]
+  assert out["a"].shape == (3, 6) and out["b"].shape == (6, 2)
+  assert not np.any(np.asarray(out["b"][2:]))
+  assert ref.rel_err(_product(out), ref.weighted_update(a_l, b_l, [6, 5], [1, 1], [1, 1])) <= 1e-5
+
+
+def test_registered():
+  assert aggregation.get("flexlora") is flexlora.flexlora
