@@ -41,7 +41,8 @@ class Aggregator(Protocol):
     ...
 
 
-def _check(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array) -> None:
+def check_inputs(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array) -> None:
+  """Validates the shared aggregator inputs: ``[K]`` vectors and stacked ``[K, ...]`` factors."""
   k = ranks.shape[0]
   chex.assert_shape([ranks, num_examples, scales], (k,))
   for path, mod in lora_lib.modules(lora).items():
@@ -93,7 +94,7 @@ def sparsity_weights(norms: jax.Array, fallback: jax.Array) -> jax.Array:
 
 
 def _example_average(lora, ranks, num_examples, scales):
-  _check(lora, ranks, num_examples, scales)
+  check_inputs(lora, ranks, num_examples, scales)
   return weighted_sum(masked(lora, ranks), example_weights(num_examples))
 
 
@@ -143,7 +144,7 @@ def hetlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.A
     The global tree. If every update is zero (e.g. before any training), the
     weights fall back to ``p_k = n_k / sum n``.
   """
-  _check(lora, ranks, num_examples, scales)
+  check_inputs(lora, ranks, num_examples, scales)
   p = example_weights(num_examples)
   factor = num_examples.astype(jnp.float32) if use_num_examples else 1.0
   norms = jax.tree.map(jnp.sqrt, update_norms_sq(lora, ranks, scales))

@@ -75,7 +75,7 @@ def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.
     ``a = U[:, :r_max]: [d_in, r_max]``, ``b = S V^T[:r_max]: [r_max, d_out]``,
     scale 1 (zero-padded if ``min(d_in, d_out) < r_max``).
   """
-  aggregation._check(lora, ranks, num_examples, scales)  # pylint: disable=protected-access
+  aggregation.check_inputs(lora, ranks, num_examples, scales)
   r_max = lora_lib.r_max_of(lora)
   w = jnp.sqrt(aggregation.example_weights(num_examples) * scales.astype(jnp.float32))
 

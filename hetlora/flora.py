@@ -72,7 +72,7 @@ def stack(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Arr
     >>> out['q']['a'].shape, float((out['q']['a'] @ out['q']['b'])[0, 0])   # .5*2*1 + .5*1*2
     ((3, 4), 2.0)
   """
-  aggregation._check(lora, ranks, num_examples, scales)  # pylint: disable=protected-access
+  aggregation.check_inputs(lora, ranks, num_examples, scales)
   w_a = aggregation.example_weights(num_examples) * scales.astype(jnp.float32)
   ones = jnp.ones_like(w_a)
   return lora_lib.map_modules(

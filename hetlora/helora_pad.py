@@ -129,7 +129,7 @@ def helora_pad(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: ja
   Returns:
     The global tree ``a: [d_in, r_max]``, ``b: [r_max, d_out]``.
   """
-  aggregation._check(lora, ranks, num_examples, scales)  # pylint: disable=protected-access
+  aggregation.check_inputs(lora, ranks, num_examples, scales)
   return aggregation.weighted_sum(pad(lora, ranks, padding),
                                   rank_weights(ranks, num_examples, weighting))
 
