@@ -4,6 +4,7 @@ Parity: SmolLM2-135M-Instruct (GGUF, Q4_1) against the transformers fp32
 reference in ``shared/fixtures/smollm2_reference.json``.
 """
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -38,16 +39,16 @@ TINY_MODEL = llama.Llama(TINY)
 tiny_fwd = jax.jit(lambda params, ids, mask=None: TINY_MODEL.apply({"params": params}, ids, mask))
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_params(seed=0):
   """``(model, params)`` of :data:`TINY` with non-zero biases and norms."""
-  model = TINY_MODEL
-  ids = jnp.zeros((1, 4), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(seed), ids)["params"]
-  # Non-trivial biases and norms so every parameter matters.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  return model, jax.tree.unflatten(tree, leaves)
+  @jax.jit
+  def make(key):
+    params = TINY_MODEL.init(key, jnp.zeros((1, 4), jnp.int32))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return TINY_MODEL, make(jax.random.key(seed))
 
 
 def test_param_paths_and_shapes():
@@ -78,45 +79,55 @@ def test_padding_left_and_right_match_unpadded():
   assert np.isfinite(np.asarray(out_l)).all()
 
 
-def naive_greedy(model, params, ids, n):
-  seq = list(np.asarray(ids[0]))
-  for _ in range(n):
-    logits = tiny_fwd(params, jnp.array([seq]))
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  return seq[ids.shape[1]:]
+PROMPT_LEN, NEW = 5, 6
+
+
+def naive_greedy(params, ids, n):
+  """Greedy decoding by full forwards over a right-padded fixed-size buffer (no cache)."""
+  p = ids.shape[1]
+  buf = jnp.zeros((1, p + n), jnp.int32).at[:, :p].set(ids)
+  out = []
+  for t in range(n):
+    mask = (jnp.arange(p + n) < p + t)[None].astype(jnp.int32)
+    tok = int(jnp.argmax(tiny_fwd(params, buf, mask)[0, p + t - 1]))
+    buf = buf.at[0, p + t].set(tok)
+    out.append(tok)
+  return out
+
+
+def padded_pair(ids):
+  """``[2, P+2]``: ``ids`` right-padded and left-padded, with masks."""
+  pad = jnp.zeros((1, 2), jnp.int32)
+  batch = jnp.concatenate([jnp.concatenate([ids, pad], 1), jnp.concatenate([pad, ids], 1)], 0)
+  mask = jnp.array([[1] * PROMPT_LEN + [0] * 2, [0] * 2 + [1] * PROMPT_LEN])
+  return batch, mask
 
 
 def test_kv_cache_greedy_matches_full_forward():
   model, params = tiny_params()
-  ids = jax.random.randint(jax.random.key(3), (1, 5), 0, 50)
-  expected = naive_greedy(model, params, ids, 6)
-  out = llama.generate(model, params, None, ids, jnp.ones_like(ids), jax.random.key(0), max_new_tokens=6)
-  assert out["tokens"][0].tolist() == expected
-  assert out["mask"].tolist() == [[1] * 6]
-  # The same prompt right-padded, batched beside a left-padded copy.
-  pad = jnp.zeros((1, 2), jnp.int32)
-  batch = jnp.concatenate([jnp.concatenate([ids, pad], 1), jnp.concatenate([pad, ids], 1)], 0)
-  mask = jnp.array([[1] * 5 + [0] * 2, [0] * 2 + [1] * 5])
-  out = llama.generate(model, params, None, batch, mask, jax.random.key(0), max_new_tokens=6)
+  ids = jax.random.randint(jax.random.key(3), (1, PROMPT_LEN), 0, 50)
+  expected = naive_greedy(params, ids, NEW)
+  batch, mask = padded_pair(ids)
+  out = llama.generate(model, params, None, batch, mask, jax.random.key(0), max_new_tokens=NEW)
   assert out["tokens"].tolist() == [expected, expected]
+  assert out["mask"].tolist() == [[1] * NEW] * 2
 
 
 def test_eos_stops_and_sampling():
   model, params = tiny_params()
-  ids = jax.random.randint(jax.random.key(3), (1, 5), 0, 50)
-  greedy = naive_greedy(model, params, ids, 6)
+  ids = jax.random.randint(jax.random.key(3), (1, PROMPT_LEN), 0, 50)
+  greedy = naive_greedy(params, ids, NEW)
+  batch, mask = padded_pair(ids)
   eos = greedy[2]
-  out = llama.generate(model, params, None, ids, jnp.ones_like(ids), jax.random.key(0),
-                       max_new_tokens=6, eos_id=eos)
+  out = llama.generate(model, params, None, batch, mask, jax.random.key(0), max_new_tokens=NEW, eos_id=eos)
   first = greedy.index(eos)
-  assert out["tokens"][0].tolist() == greedy[: first + 1] + [eos] * (5 - first)
-  assert out["mask"][0].tolist() == [1] * (first + 1) + [0] * (5 - first)
+  assert out["tokens"][0].tolist() == greedy[: first + 1] + [eos] * (NEW - 1 - first)
+  assert out["mask"][0].tolist() == [1] * (first + 1) + [0] * (NEW - 1 - first)
   # Tiny temperature -> greedy; temperature 1 -> valid ids, key-dependent.
-  cold = llama.generate(model, params, None, ids, jnp.ones_like(ids), jax.random.key(1), 1e-4,
-                        max_new_tokens=6)
+  cold = llama.generate(model, params, None, batch, mask, jax.random.key(1), 1e-4, max_new_tokens=NEW)
   assert cold["tokens"][0].tolist() == greedy
-  hot = [llama.generate(model, params, None, ids, jnp.ones_like(ids), jax.random.key(k), 1.0,
-                        max_new_tokens=6)["tokens"] for k in range(3)]
+  hot = [llama.generate(model, params, None, batch, mask, jax.random.key(k), 1.0,
+                        max_new_tokens=NEW)["tokens"] for k in range(3)]
   assert all(((0 <= h) & (h < 50)).all() for h in hot)
   assert len({tuple(np.asarray(h[0])) for h in hot}) > 1
 
@@ -162,7 +173,7 @@ def test_bf16_compute_runs_close():
   ref = tiny_fwd(params, ids)
   out = jax.jit(llama.Llama(TINY, dtype=jnp.bfloat16).apply)({"params": params}, ids)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, ref, atol=0.1)
+  np.testing.assert_allclose(out, ref, atol=0.3)   # bf16 has ~3 significant digits
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -276,10 +276,10 @@ def variables(params: Mapping[str, Any], lora: Mapping[str, Any] | None) -> dict
   return {"params": params} if not lora else {"params": params, "lora": lora}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def generate(model: Llama, params, lora, prompt_ids: jax.Array, prompt_mask: jax.Array,
              key: jax.Array, temperature: jax.Array | float = 0.0, *,
-             max_new_tokens: int, eos_id: int | None = None) -> dict[str, jax.Array]:
+             max_new_tokens: int, eos_id: jax.Array | int | None = None) -> dict[str, jax.Array]:
   """Greedy (``temperature <= 0``) or temperature sampling with a KV cache.
 
   The prompt is prefilled in one pass, then one token per ``lax.while_loop``
@@ -294,10 +294,11 @@ def generate(model: Llama, params, lora, prompt_ids: jax.Array, prompt_mask: jax
     key: PRNG key (unused when greedy).
     temperature: float scalar; ``<= 0`` means argmax.
     max_new_tokens: N, static.
-    eos_id: stop token, or None to always run N steps.
+    eos_id: int32 scalar stop token (traced: no recompilation per value), or
+      None / a negative id to always run N steps.
 
   Returns:
-    ``{'tokens': int32[B, N]`` (after a row's eos: ``eos_id``, or 0 without one),
+    ``{'tokens': int32[B, N]`` (after a row's eos: ``eos_id``),
     ``'mask': int32[B, N]`` (1 for generated tokens, the eos included)}.
 
   Example:
@@ -312,7 +313,8 @@ def generate(model: Llama, params, lora, prompt_ids: jax.Array, prompt_mask: jax
   prompt_mask = prompt_mask.astype(jnp.int32)
   last = jnp.max(jnp.where(prompt_mask > 0, jnp.arange(p)[None], 0), axis=1)
   next_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]   # [B, V]
-  fill = 0 if eos_id is None else eos_id
+  eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
+  fill = jnp.maximum(eos, 0)
 
   def pick(logits_bv, k):
     greedy = jnp.argmax(logits_bv, axis=-1)
@@ -329,8 +331,7 @@ def generate(model: Llama, params, lora, prompt_ids: jax.Array, prompt_mask: jax
     tok = jnp.where(done, fill, pick(next_logits, sub))
     tokens = tokens.at[:, t].set(tok)
     mask = mask.at[:, t].set((~done).astype(jnp.int32))
-    if eos_id is not None:
-      done = done | (tok == eos_id)
+    done = done | (tok == eos)
     logits, cache = model.apply(var, tok[:, None], jnp.ones((b, 1), jnp.int32), cache)
     return t + 1, cache, logits[:, 0], key, done, tokens, mask
 
