@@ -1,0 +1,82 @@
+"""Time of every registered aggregator on a large stacked adapter.
+
+Input: ``--layers`` adapted modules (one ``[d, d]`` projection per layer),
+stacked over K clients: ``a: [K, d, r_max]``, ``b: [K, r_max, d]`` per module
+(default d = 1024, 24 layers, K = 64, r_max = 64: 2 x 24 x 16 MiB = 768 MiB
+of float32 factors), ranks uniform in ``[1, r_max]``, random factors,
+``n_k`` uniform in [10, 200], scales ``alpha / r_k``.
+
+Every name in :func:`hetlora.aggregation.names` (importing :mod:`hetlora`
+registers the method modules' aggregators) is compiled once and timed over
+``--repeats`` calls; reported: compile seconds and the median call.
+
+Run::
+
+    python benchmarks/aggregation_time.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common
+import hetlora  # noqa: F401  (registers every method's aggregator)
+from hetlora import aggregation
+from hetlora import lora as lora_lib
+
+
+def stacked_problem(k: int, d: int, layers: int, r_max: int, seed: int = 0):
+  """``(lora, ranks, num_examples, scales)`` with ``a: [K, d, r_max]``, ``b: [K, r_max, d]`` per layer."""
+  key = jax.random.key(seed)
+  lora = {}
+  for i in range(layers):
+    key, ka, kb = jax.random.split(key, 3)
+    lora[f"layer_{i}"] = {"proj": {"a": jax.random.normal(ka, (k, d, r_max)) / np.sqrt(d),
+                                   "b": 0.01 * jax.random.normal(kb, (k, r_max, d))}}
+  rng = np.random.default_rng(seed)
+  ranks = jnp.asarray(rng.integers(1, r_max + 1, size=k), jnp.int32)
+  num_examples = jnp.asarray(rng.integers(10, 201, size=k), jnp.float32)
+  scales = lora_lib.scale(ranks, 2.0 * r_max, "alpha/r", r_max)
+  return jax.block_until_ready((lora, ranks, num_examples, scales))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--clients", type=int, default=64)
+  p.add_argument("--d", type=int, default=1024)
+  p.add_argument("--layers", type=int, default=24)
+  p.add_argument("--r-max", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3)
+  args = p.parse_args(argv)
+
+  inputs = stacked_problem(args.clients, args.d, args.layers, args.r_max)
+  rows = []
+  for name in aggregation.names():
+    fn = jax.jit(aggregation.get(name))
+    load = common.loadavg()
+    t0 = time.perf_counter()
+    compiled = fn.lower(*inputs).compile()
+    compile_s = time.perf_counter() - t0
+    times = common.time_calls(lambda: compiled(*inputs), args.repeats)
+    out = compiled(*inputs)
+    widths = sorted({lora_lib.r_max_of(out)})
+    rows.append({"aggregator": name, "compile_s": compile_s, "median_s": common.median(times),
+                 "times_s": [round(t, 4) for t in times], "output_rank_width": widths[0],
+                 "loadavg_before": load})
+    print(rows[-1], flush=True)
+
+  notes = (f"K={args.clients} clients, {args.layers} layers x one adapted [{args.d}, {args.d}] module, "
+           f"r_max={args.r_max}, ranks uniform in [1, r_max], float32, {jax.devices()[0].platform}; "
+           f"median of {args.repeats} calls after compilation.")
+  columns = ["aggregator", "median_s", "compile_s", "output_rank_width", "loadavg_before"]
+  common.write("aggregation_time", {"args": vars(args), "rows": rows},
+               common.markdown_table(rows, columns), notes)
+
+
+if __name__ == "__main__":
+  main()
