@@ -49,13 +49,19 @@ def svd_of_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, ja
 
   Returns:
     ``u: [d_in, q]``, ``s: [q]`` (descending), ``vt: [q, d_out]`` with
-    ``q = min(d_in, d_out, R)`` and ``u diag(s) vt == a @ b``.
+    ``q = min(d_in, d_out, R)`` and ``u diag(s) vt == a @ b``. When
+    ``R >= min(d_in, d_out)`` the QR route saves nothing, and the product is
+    formed and decomposed directly (a static, shape-based choice).
 
   Example:
     >>> u, s, vt = svd_of_product(jnp.eye(3, 2), 2 * jnp.eye(2, 4))
     >>> s.tolist()
     [2.0, 2.0]
   """
+  if a.shape[1] >= min(a.shape[0], b.shape[1]):  # the core is no smaller than dW: SVD dW itself
+    u, s, vt = jnp.linalg.svd(a @ b, full_matrices=False)
+    q = min(a.shape[0], b.shape[1], a.shape[1])
+    return u[:, :q], s[:q], vt[:q]
   q_a, r_a = jnp.linalg.qr(a)            # [d_in, qa], [qa, R]
   q_b, r_b = jnp.linalg.qr(b.T)          # [d_out, qb], [qb, R]
   u_c, s, vt_c = jnp.linalg.svd(r_a @ r_b.T, full_matrices=False)
