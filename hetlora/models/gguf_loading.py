@@ -122,6 +122,78 @@ def _kernel(w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(w.T)
 
 
+# Source tensor stem (before ".weight"/".bias") of each parameter role; "{i}" is the layer.
+GGUF_NAMES = {
+    "embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
+    "q_proj": "blk.{i}.attn_q", "k_proj": "blk.{i}.attn_k", "v_proj": "blk.{i}.attn_v",
+    "o_proj": "blk.{i}.attn_output", "gate_proj": "blk.{i}.ffn_gate", "up_proj": "blk.{i}.ffn_up",
+    "down_proj": "blk.{i}.ffn_down", "attn_norm": "blk.{i}.attn_norm", "mlp_norm": "blk.{i}.ffn_norm",
+}
+HF_NAMES = {
+    "embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+    **{name: "model.layers.{i}.self_attn." + name for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{name: "model.layers.{i}.mlp." + name for name in ("gate_proj", "up_proj", "down_proj")},
+    "attn_norm": "model.layers.{i}.input_layernorm", "mlp_norm": "model.layers.{i}.post_attention_layernorm",
+}
+
+
+def _taker(tensors: dict[str, np.ndarray], where: str):
+  """``take(name)``: ``tensors[name]``, or a KeyError naming ``where`` and the missing tensor."""
+
+  def take(name):
+    if name not in tensors:
+      raise KeyError(f"{where} has no tensor {name!r}.")
+    return tensors[name]
+
+  return take
+
+
+def _assemble(cfg: LlamaConfig, take, names: dict[str, str], param_dtype: Any,
+              permute_qk: bool) -> dict:
+  """The ``Llama(cfg)`` parameter tree from source tensors.
+
+  Args:
+    cfg: the model's config.
+    take: ``take(name)`` returns the float32 tensor ``name`` (PyTorch ``[out, in]``).
+    names: each parameter role's source stem (see :data:`GGUF_NAMES`, :data:`HF_NAMES`).
+    param_dtype: dtype of the returned arrays.
+    permute_qk: undo llama.cpp's Q/K row order (:func:`unpermute_qk`).
+  """
+
+  def arr(x):
+    return jnp.asarray(x, param_dtype)
+
+  def tensor(role, i=None, part="weight"):
+    return take(f"{names[role].format(i=i)}.{part}")
+
+  params: dict[str, Any] = {"embed_tokens": {"embedding": arr(tensor("embed_tokens"))},
+                            "norm": {"scale": arr(tensor("norm"))}}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = {"kernel": arr(_kernel(tensor("lm_head")))}
+  for i in range(cfg.n_layers):
+    attn = {}
+    for ours, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads), ("v_proj", None),
+                        ("o_proj", None)):
+      w = tensor(ours, i)
+      if permute_qk and heads:
+        w = unpermute_qk(w, heads)
+      attn[ours] = {"kernel": arr(_kernel(w))}
+      if cfg.qkv_bias and ours != "o_proj":
+        bias = tensor(ours, i, "bias")
+        if permute_qk and heads:
+          bias = unpermute_qk(bias, heads)
+        attn[ours]["bias"] = arr(bias)
+    mlp = {ours: {"kernel": arr(_kernel(tensor(ours, i)))}
+           for ours in ("gate_proj", "up_proj", "down_proj")}
+    params[f"layers_{i}"] = {
+        "attn_norm": {"scale": arr(tensor("attn_norm", i))},
+        "attn": attn,
+        "mlp_norm": {"scale": arr(tensor("mlp_norm", i))},
+        "mlp": mlp,
+    }
+  return params
+
+
 def load_gguf(path: str | os.PathLike, param_dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict]:
   """Config and parameters of a Llama/Qwen2 GGUF, dequantised once.
 
@@ -140,42 +212,7 @@ def load_gguf(path: str | os.PathLike, param_dtype: Any = jnp.float32) -> tuple[
   meta, t = read_gguf_tensors(path)
   cfg = config_from_gguf(meta, t, str(path))
   permute = meta["general.architecture"] == "llama"
-
-  def take(name):
-    if name not in t:
-      raise KeyError(f"GGUF {str(path)!r} has no tensor {name!r}.")
-    return t[name]
-
-  def arr(x):
-    return jnp.asarray(x, param_dtype)
-
-  params: dict[str, Any] = {"embed_tokens": {"embedding": arr(take("token_embd.weight"))},
-                            "norm": {"scale": arr(take("output_norm.weight"))}}
-  if not cfg.tie_embeddings:
-    params["lm_head"] = {"kernel": arr(_kernel(take("output.weight")))}
-  for i in range(cfg.n_layers):
-    p = f"blk.{i}."
-    attn = {}
-    for ours, theirs, heads in (("q_proj", "attn_q", cfg.n_heads), ("k_proj", "attn_k", cfg.n_kv_heads),
-                                ("v_proj", "attn_v", None), ("o_proj", "attn_output", None)):
-      w = take(p + theirs + ".weight")
-      if permute and heads:
-        w = unpermute_qk(w, heads)
-      attn[ours] = {"kernel": arr(_kernel(w))}
-      if cfg.qkv_bias and ours != "o_proj":
-        bias = take(p + theirs + ".bias")
-        if permute and heads:
-          bias = unpermute_qk(bias, heads)
-        attn[ours]["bias"] = arr(bias)
-    mlp = {ours: {"kernel": arr(_kernel(take(p + theirs + ".weight")))}
-           for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"))}
-    params[f"layers_{i}"] = {
-        "attn_norm": {"scale": arr(take(p + "attn_norm.weight"))},
-        "attn": attn,
-        "mlp_norm": {"scale": arr(take(p + "ffn_norm.weight"))},
-        "mlp": mlp,
-    }
-  return cfg, params
+  return cfg, _assemble(cfg, _taker(t, f"GGUF {str(path)!r}"), GGUF_NAMES, param_dtype, permute)
 
 
 def config_from_hf(hf: dict[str, Any], path: str = "") -> LlamaConfig:
@@ -224,35 +261,7 @@ def load_hf_safetensors(directory: str | os.PathLike,
     with safe_open(f, framework="flax") as fh:
       for name in fh.keys():
         t[name] = np.asarray(fh.get_tensor(name).astype(jnp.float32))
-
-  def take(name):
-    if name not in t:
-      raise KeyError(f"{str(directory)!r} has no tensor {name!r}.")
-    return t[name]
-
-  def arr(x):
-    return jnp.asarray(x, param_dtype)
-
-  params: dict[str, Any] = {"embed_tokens": {"embedding": arr(take("model.embed_tokens.weight"))},
-                            "norm": {"scale": arr(take("model.norm.weight"))}}
-  if not cfg.tie_embeddings:
-    params["lm_head"] = {"kernel": arr(_kernel(take("lm_head.weight")))}
-  for i in range(cfg.n_layers):
-    p = f"model.layers.{i}."
-    attn = {}
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      attn[name] = {"kernel": arr(_kernel(take(f"{p}self_attn.{name}.weight")))}
-      if cfg.qkv_bias and name != "o_proj":
-        attn[name]["bias"] = arr(take(f"{p}self_attn.{name}.bias"))
-    mlp = {name: {"kernel": arr(_kernel(take(f"{p}mlp.{name}.weight")))}
-           for name in ("gate_proj", "up_proj", "down_proj")}
-    params[f"layers_{i}"] = {
-        "attn_norm": {"scale": arr(take(p + "input_layernorm.weight"))},
-        "attn": attn,
-        "mlp_norm": {"scale": arr(take(p + "post_attention_layernorm.weight"))},
-        "mlp": mlp,
-    }
-  return cfg, params
+  return cfg, _assemble(cfg, _taker(t, repr(str(directory))), HF_NAMES, param_dtype, False)
 
 
 def load(path: str | os.PathLike, param_dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict]:
