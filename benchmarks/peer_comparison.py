@@ -15,14 +15,15 @@ round (ours: the first round compiles) and training examples/s =
 K * steps * batch / median round seconds. A round includes host batching,
 training and aggregation, not evaluation.
 
-``--dynamic`` adds a second pair: the peer trims every batch to its longest
+``--padding dynamic`` (or ``both``) runs the pair: the peer trims every batch to its longest
 sequence (``--dynamic-padding``); ours trims the whole round to the
 smallest length bucket (16, 32, 48, 64) that holds its longest sequence
 (shapes must be equal within a round; each bucket compiles once).
 
 Run::
 
-    python benchmarks/peer_comparison.py --dynamic
+    python benchmarks/peer_comparison.py                      # fixed length 64
+    python benchmarks/peer_comparison.py --padding dynamic
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ def main(argv=None):
   p.add_argument("--dirichlet", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--threads", type=int, default=2, help="peer torch threads")
-  p.add_argument("--dynamic", action="store_true", help="also compare with dynamic padding / buckets")
+  p.add_argument("--padding", default="fixed", choices=["fixed", "dynamic", "both"],
+                 help="fixed length, dynamic padding (peer) / length buckets (ours), or both")
   p.add_argument("--dynamic-padding", action="store_true", help="internal, with --ours")
   a = p.parse_args(argv)
   if a.ours:
@@ -168,7 +170,8 @@ def main(argv=None):
     sys.exit(f"{a.peer_python} is missing; build the peer venv as in /work/shared/peer/README.md.")
 
   rows, raw = [], {}
-  for dynamic in ([False, True] if a.dynamic else [False]):
+  modes = {"fixed": [False], "dynamic": [True], "both": [False, True]}[a.padding]
+  for dynamic in modes:
     mode = "dynamic" if dynamic else "fixed-64"
     for name, run in (("peer", run_peer), ("ours", run_ours_subprocess)):
       load = common.loadavg()
@@ -190,7 +193,8 @@ def main(argv=None):
            f"{a.local_steps} local steps, batch {a.batch}, length {a.seq_len}, ranks "
            f"{a.r_min}..{a.r_max}, {a.rounds} rounds (median after the first), peer with "
            f"{a.threads} torch threads. See the module docstring for the differences in work.")
-  common.write("peer_comparison", {"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows,
+  name = "peer_comparison" + ("" if a.padding == "fixed" else f"_{a.padding}")
+  common.write(name, {"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows,
                                    "raw": raw}, common.markdown_table(rows, columns), notes)
 
 

@@ -238,3 +238,46 @@ def test_round_sharded_equals_vmap_and_sequential(problem):
     _assert_close(st.lora, want_state.lora)
     _assert_close(res, want_res)
     assert st.client_ranks.tolist() == want_state.client_ranks.tolist(), name
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+
+def _distributed_worker() -> None:
+  """One of two processes (2 CPU devices each): sharded round over the 4 global devices."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  assert parallel.maybe_initialize_distributed()
+  assert jax.process_count() == 2 and jax.device_count() == 4
+  spec, base, glob, ranks, data = _problem()
+  data = jax.device_get(data)  # host values, identical in both processes
+  got = parallel.sharded_backend(spec, parallel.client_mesh())(
+      base, lora_lib.truncate(glob, ranks), ranks, data)
+  want = client_lib.vmap_backend(spec)(base, lora_lib.truncate(glob, ranks), ranks, data)
+  err = max(float(np.abs(np.asarray(g) - np.asarray(w)).max())
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  print(f"MAX_ERR {err}", flush=True)
+
+
+@single_device
+def test_two_processes_jax_distributed():
+  """The sharded backend under jax.distributed (2 processes x 2 CPU devices) == one-device vmap."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, __file__, "--distributed-worker"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    errs = [float(line.split()[1]) for line in out.splitlines() if line.startswith("MAX_ERR")]
+    assert errs and errs[0] <= TOL, out
+
+
+if __name__ == "__main__" and "--distributed-worker" in sys.argv:
+  _distributed_worker()
