@@ -65,7 +65,8 @@ def base():
   c.client.batch_size = 16
   c.client.local_epochs = 0.0         # set exactly one of local_epochs / local_steps
   c.client.local_steps = 10
-  c.client.backend = "vmap"           # 'vmap' | 'sequential'
+  c.client.backend = "vmap"           # 'vmap' | 'sequential' | 'chunked' | 'sharded' (clients over devices)
+  c.client.chunk_size = 0             # clients per chunk ('chunked'; optional for 'sharded')
   c.client.pruning = ml_collections.ConfigDict()
   c.client.pruning.enabled = True     # HetLoRA rank self-pruning
   c.client.pruning.lam = 1e-3         # tail-norm regulariser weight

@@ -13,7 +13,7 @@ Config sections: ``model`` (``name``, ``pooling``, ``max_len``, ``dtype``),
 ``r_max``, ``rank_choices``, ``rank_distribution``, ``alpha``,
 ``scale_rule``), ``method`` (``name``, ``kwargs``), ``client``
 (``optimizer``, ``learning_rate``, ``weight_decay``, ``batch_size``,
-``local_epochs`` or ``local_steps``, ``backend``, ``pruning``), ``server``
+``local_epochs`` or ``local_steps``, ``backend``, ``chunk_size``, ``pruning``), ``server``
 (``rounds``, ``clients_per_round``), ``eval`` (``every``, ``batch_size``).
 """
 
@@ -34,11 +34,13 @@ from hetlora import client as client_lib
 from hetlora import data as data_lib
 from hetlora import lora as lora_lib
 from hetlora import methods as methods_lib
+from hetlora import parallel
 from hetlora import ranks as ranks_lib
 from hetlora import server
 from hetlora.models import bert, bert_loading, tasks, tokenizer
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+BACKENDS = ("vmap", "sequential", "chunked", "sharded")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -97,6 +99,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"client.optimizer={c.client.optimizer!r} is unknown; choose one of {OPTIMIZERS}.")
   if bool(c.client.local_epochs) == bool(c.client.local_steps):
     raise ValueError("set exactly one of client.local_epochs and client.local_steps (the other to 0).")
+  if c.client.backend not in BACKENDS:
+    raise ValueError(f"client.backend={c.client.backend!r} must be one of {BACKENDS}.")
+  if c.client.backend == "chunked" and c.client.get("chunk_size", 0) < 1:
+    raise ValueError("client.backend='chunked' needs client.chunk_size >= 1 (clients per chunk).")
   if c.model.dtype not in DTYPES:
     raise ValueError(f"model.dtype={c.model.dtype!r} must be one of {sorted(DTYPES)}.")
   if c.lora.scale_rule not in lora_lib.SCALE_RULES:
@@ -165,6 +171,20 @@ def _public_batches(public: dict[str, np.ndarray] | None, batch_size: int):
   return {"batch": batch, "mask": np.stack([b["mask"] for b in stacked])}
 
 
+def make_backend(c: ml_collections.ConfigDict, spec: client_lib.LocalSpec):
+  """``config.client.backend`` as :func:`hetlora.server.make_round` takes it.
+
+  ``'vmap'`` / ``'sequential'`` by name; ``'chunked'`` trains
+  ``client.chunk_size`` clients at a time; ``'sharded'`` puts the client axis
+  over every device (:func:`hetlora.parallel.client_mesh`), also across hosts.
+  """
+  if c.backend == "chunked":
+    return parallel.chunked_backend(spec, c.chunk_size)
+  if c.backend == "sharded":
+    return parallel.sharded_backend(spec, parallel.client_mesh(), chunk_size=c.get("chunk_size") or None)
+  return c.backend
+
+
 def build(config: ml_collections.ConfigDict) -> Experiment:
   """Builds the experiment described by ``config`` (see the module docstring)."""
   validate(config)
@@ -196,7 +216,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   spec = client_lib.LocalSpec(
       loss_fn=tasks.classification_loss(model), optimizer=make_optimizer(config.client),
       alpha=config.lora.alpha, scale_rule=config.lora.scale_rule,
-      pruning=client_lib.Pruning(lam=p.lam, gamma=p.gamma, r_min=config.lora.r_min, enabled=p.enabled))
+      pruning=client_lib.Pruning(lam=p.lam, gamma=p.gamma, r_min=config.lora.r_min, enabled=p.enabled),
+      trainable=method.trainable)
   if config.client.local_steps:
     steps = int(config.client.local_steps)
   else:
@@ -204,7 +225,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
                                  config.client.local_epochs)
   return Experiment(
       config=config, base_params=base, logits_fn=logits_fn, spec=spec, method=method,
-      round_fn=server.make_round(spec, None, backend=config.client.backend, method=method),
+      round_fn=server.make_round(spec, None, backend=make_backend(config.client, spec), method=method),
       init_state=server.init(global_lora, client_ranks, method=method),
       train=train, test=test, partition=partition,
       public=_public_batches(public, config.client.batch_size), steps=steps, label_names=label_names)

@@ -84,6 +84,8 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
     ("server.clients_per_round", 9, "server.clients_per_round"),
     ("client.optimizer", "lamb", "client.optimizer"),
     ("lora.scale_rule", "alpha", "lora.scale_rule"),
+    ("client.backend", "threads", "client.backend"),
+    ("client.backend", "chunked", "client.chunk_size"),
 ])
 def test_bad_config_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
