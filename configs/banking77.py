@@ -76,6 +76,9 @@ def get_config(arg=None):
     c.client.learning_rate = 5e-3
     c.eval.every = 2
     c.checkpoint_every = 4
+    if method == "helora_kd":
+      c.data.public_examples = 200
+      c.method.kwargs = {"epochs": 1}
   if a.runlocal:
     c.data.max_train_examples = 300
     c.data.max_test_examples = 64
