@@ -81,9 +81,7 @@ def make_evaluator(exp: experiment_lib.Experiment) -> Callable[[server.ServerSta
 
 def _comm_params(exp, ranks: np.ndarray) -> int:
   """Parameters uploaded by the cohort: ``sum_k r_k * sum_modules (d_in + d_out)``."""
-  per_rank = int(lora_lib.num_params(exp.init_state.lora if exp.method.name != "helora_kd"
-                                     else jax.tree.map(lambda x: x[0], exp.init_state.lora), 1))
-  return int(np.sum(ranks)) * per_rank
+  return int(np.sum(ranks)) * int(lora_lib.num_params(exp.init_state.lora, 1))
 
 
 def _round_record(exp, r, cohort, result, n, seconds) -> dict[str, Any]:
