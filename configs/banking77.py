@@ -13,7 +13,7 @@ is FedAvg with every client at rank 1 or 32) and every name in
 Commands:
   # full setting (GPU; about 15 s per round on one A100-class GPU, untested here)
   python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1 --workdir wd/b77
-  # the CPU budget used for the README table (2-core CPU, about 3 min per method)
+  # the CPU budget used for the README table (2-core CPU, about 5 min per method)
   python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1,cpu --workdir wd/b77cpu
   # smoke test
   python launch/train.py --config configs/banking77.py:runlocal --workdir /tmp/b77
@@ -65,17 +65,17 @@ def get_config(arg=None):
     c.data.public_examples = 500
   c.method.name = method
 
-  if a.cpu:  # the budget a 2-core CPU finishes in about 3 minutes per method
+  if a.cpu:  # the budget a 2-core CPU finishes in about 5 minutes per method
     c.data.max_train_examples = 3000
     c.data.max_test_examples = 500
     c.model.max_len = 32
-    c.server.rounds = 8
+    c.server.rounds = 6
     c.client.local_epochs = 0.0
-    c.client.local_steps = 2
-    c.client.batch_size = 8
-    c.client.learning_rate = 5e-3
+    c.client.local_steps = 4
+    c.client.batch_size = 16
+    c.client.learning_rate = 1e-2
     c.eval.every = 2
-    c.checkpoint_every = 4
+    c.checkpoint_every = 2
     if method == "helora_kd":
       c.data.public_examples = 200
       c.method.kwargs = {"epochs": 1}
