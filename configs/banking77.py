@@ -45,6 +45,10 @@ def get_config(arg=None):
   c.lora.rank_choices = RANK_CHOICES
   c.lora.r_min, c.lora.r_max = 1, 32
   c.lora.rank_distribution = a.ranks
+  # one scale for every client, alpha / r_max = 2: a truncated global adapter then means the same
+  # thing at every rank (with alpha / r_k a rank-1 client's slot would weigh 32x a rank-32 one's)
+  c.lora.scale_rule = "alpha/r_max"
+  c.lora.alpha = 64.0
   c.lora.pattern = {"lora": r"attention/(query|value)/kernel$|classifier/kernel$",
                     "frozen": r"attention/(query|value)/kernel$"}[a.head]
   c.eval.every = 5
