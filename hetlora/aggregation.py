@@ -75,8 +75,11 @@ def update_norms_sq(lora: LoRA, ranks: jax.Array, scales: jax.Array) -> LoRA:
   ``||s A B||_F^2 = s^2 * sum_ij (A^T A)_ij (B B^T)_ij``: two ``[r_max, r_max]``
   Gram matrices, never the ``[d_in, d_out]`` product.
   """
-  lora = masked(lora, ranks)
+  return padded_norms_sq(masked(lora, ranks), scales)
 
+
+def padded_norms_sq(padded: LoRA, scales: jax.Array) -> LoRA:
+  """:func:`update_norms_sq` of factors already zero-padded to their ranks."""
   def one(mod):
     a = mod["a"].astype(jnp.float32)
     b = mod["b"].astype(jnp.float32)
@@ -84,7 +87,7 @@ def update_norms_sq(lora: LoRA, ranks: jax.Array, scales: jax.Array) -> LoRA:
     gram_b = jnp.einsum("kio,kjo->kij", b, b)
     return jnp.square(scales) * jnp.maximum(jnp.sum(gram_a * gram_b, axis=(1, 2)), 0.0)
 
-  return lora_lib.map_modules(one, lora)
+  return lora_lib.map_modules(one, padded)
 
 
 def sparsity_weights(norms: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -147,8 +150,8 @@ def hetlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.A
   check_inputs(lora, ranks, num_examples, scales)
   p = example_weights(num_examples)
   factor = num_examples.astype(jnp.float32) if use_num_examples else 1.0
-  norms = jax.tree.map(jnp.sqrt, update_norms_sq(lora, ranks, scales))
   padded = masked(lora, ranks)
+  norms = jax.tree.map(jnp.sqrt, padded_norms_sq(padded, scales))
   if per_module:
     return lora_lib.map_modules(
         lambda mod, n: weighted_sum(mod, sparsity_weights(n * factor, p)), padded, norms)

@@ -175,8 +175,7 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
   trained = lora_lib.mask(trained, new_rank)
   examples = jnp.sum(counts)
   new_scale = lora_lib.scale(new_rank, spec.alpha, spec.scale_rule, r_max)
-  norms_sq = aggregation.update_norms_sq(
-      jax.tree.map(lambda x: x[None], trained), new_rank[None], new_scale[None])
+  norms_sq = aggregation.padded_norms_sq(jax.tree.map(lambda x: x[None], trained), new_scale[None])
   return ClientResult(
       lora=trained,
       rank=new_rank,
