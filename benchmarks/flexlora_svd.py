@@ -1,87 +1,109 @@
-"""FlexLoRA's SVD: factored (QR + small core SVD) vs dense SVD of ``dW``.
+"""FlexLoRA's SVD: the aggregator (QR + small core SVD) vs a dense SVD of ``dW``.
 
-For one kernel ``[d, d]`` and ``K`` clients of width ``r_max`` the factored
-form works on ``A: [d, R]``, ``B: [R, d]`` with ``R = K r_max``
-(:func:`hetlora.flexlora.svd_of_product`); the dense baseline forms
-``dW = A B`` and runs ``jnp.linalg.svd``. Both keep the top ``r_max``
-triplets. The factored path wins only when ``R < d``: its core is
-``[min(d, R), min(d, R)]``, so at ``R = d`` there is nothing to save.
+One adapted ``[d, d]`` kernel, ``K`` clients of width ``r_max`` with ranks
+drawn from a mix (``max``: every client at ``r_max``; ``pow2``: uniform over
+``{1, 2, 4, ..., r_max}``; ``uniform``: uniform over ``1..r_max``), random
+factors, example counts uniform in [10, 200], scales ``alpha / r_k``. Timed,
+each the median of ``--repeats`` calls after compilation:
+
+- ``dense``: forms ``dW = sum_k p_k s_k a_k b_k`` (``[d, d]``) and runs
+  ``jnp.linalg.svd`` on it, keeping the top ``r_max`` triplets: the baseline.
+- ``stacked``: :func:`hetlora.flexlora.flexlora` without ``core_rank``: QRs of
+  all ``K r_max`` stacked columns (the dense SVD when ``K r_max >= d``).
+- ``compact``: the same with ``core_rank = R = sum_k r_k``, the cohort's
+  actual ranks: QRs of ``[d, R]``, an ``[R, R]`` core.
+
+``rel_diff`` compares each rank-``r_max`` product with the dense one. Nothing
+can be saved when ``R >= d``: the core is then as large as ``dW``.
 
 Usage::
 
-    python benchmarks/flexlora_svd.py [--out results/flexlora_svd.json] [--repeats 3]
-    python benchmarks/flexlora_svd.py --config 1024,16,64 --config 4096,8,64
+    python benchmarks/flexlora_svd.py
+    python benchmarks/flexlora_svd.py --config 1024,16,64,pow2 --config 4096,8,64,max
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
+from hetlora import aggregation
 from hetlora import flexlora
+from hetlora import flora
+from hetlora import lora as lora_lib
 
-DEFAULT_CONFIGS = ("1024,16,64", "1024,4,64", "2048,8,64")
-
-
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))            # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+DEFAULT_CONFIGS = ("1024,16,64,pow2", "1024,16,64,uniform", "1024,16,64,max",
+                   "1024,4,64,max", "2048,8,64,pow2", "2048,8,64,max")
+RANK_MIXES = ("max", "pow2", "uniform")
 
 
-def run(d: int, k: int, r_max: int, repeats: int) -> dict:
+def client_ranks(rng: np.random.Generator, k: int, r_max: int, mix: str) -> np.ndarray:
+  """``int32[K]`` ranks drawn from ``mix`` (one of :data:`RANK_MIXES`)."""
+  if mix == "max":
+    return np.full(k, r_max, np.int32)
+  if mix == "pow2":
+    return rng.choice(2 ** np.arange(int(np.log2(r_max)) + 1), size=k).astype(np.int32)
+  if mix == "uniform":
+    return rng.integers(1, r_max + 1, size=k).astype(np.int32)
+  raise ValueError(f"rank mix {mix!r} is unknown; choose one of {RANK_MIXES}.")
+
+
+@jax.jit
+def dense(lora, ranks, num_examples, scales):
+  """Top-``r_max`` factors from the SVD of the formed ``[d_in, d_out]`` update."""
+  r_max = lora_lib.r_max_of(lora)
+  w = jnp.sqrt(aggregation.example_weights(num_examples) * scales)
+  mod = lora["q"]
+  u, s, vt = jnp.linalg.svd(jnp.matmul(*flora.stacked_factors(mod, ranks, w, w)), full_matrices=False)
+  return {"q": {"a": u[:, :r_max], "b": s[:r_max, None] * vt[:r_max]}}
+
+
+def run(d: int, k: int, r_max: int, mix: str, repeats: int) -> dict:
   rng = np.random.default_rng(0)
-  a = jnp.float32(rng.normal(size=(d, k * r_max)) / np.sqrt(d))
-  b = jnp.float32(rng.normal(size=(k * r_max, d)) / np.sqrt(k * r_max))
+  ranks = client_ranks(rng, k, r_max, mix)
+  m = lora_lib.rank_mask(ranks, r_max)
+  lora = {"q": {"a": jnp.float32(rng.normal(size=(k, d, r_max)) / np.sqrt(d)) * m[:, None, :],
+                "b": jnp.float32(rng.normal(size=(k, r_max, d)) / np.sqrt(r_max)) * m[:, :, None]}}
+  args = (lora, jnp.asarray(ranks), jnp.float32(rng.integers(10, 201, size=k)),
+          lora_lib.scale(jnp.asarray(ranks), 2.0 * r_max, "alpha/r", r_max))
+  core = int(ranks.sum())
+  fns = {"dense": dense, "stacked": flexlora.flexlora,
+         "compact": lambda *a: flexlora.flexlora(*a, core_rank=core)}
+  product = lambda out: np.asarray(out["q"]["a"], np.float64) @ np.asarray(out["q"]["b"], np.float64)
+  outs = {name: common.block(fn(*args)) for name, fn in fns.items()}       # compile + warm up
+  secs = {name: common.median(common.time_calls(lambda fn=fn: fn(*args), repeats))
+          for name, fn in fns.items()}
+  ref = product(outs["dense"])
+  row = {"d": d, "K": k, "r_max": r_max, "ranks": mix, "R": core, "K_r_max": k * r_max}
+  for name in fns:
+    row[f"{name}_s"] = secs[name]
+  row["speedup_stacked"] = secs["dense"] / secs["stacked"]
+  row["speedup_compact"] = secs["dense"] / secs["compact"]
+  row["rel_diff_stacked"] = float(np.linalg.norm(product(outs["stacked"]) - ref) / np.linalg.norm(ref))
+  row["rel_diff_compact"] = float(np.linalg.norm(product(outs["compact"]) - ref) / np.linalg.norm(ref))
+  row["loadavg"] = common.loadavg()
+  return row
 
-  @jax.jit
-  def factored(a, b):
-    u, s, vt = flexlora.svd_of_product(a, b)
-    return u[:, :r_max], s[:r_max], vt[:r_max]
 
-  @jax.jit
-  def dense(a, b):
-    u, s, vt = jnp.linalg.svd(a @ b, full_matrices=False)
-    return u[:, :r_max], s[:r_max], vt[:r_max]
-
-  uf, sf, vf = factored(a, b)
-  ud, sd, vd = dense(a, b)
-  approx = lambda u, s, vt: np.asarray((u * s) @ vt, np.float64)
-  t_f, t_d = _time(factored, a, b, repeats=repeats), _time(dense, a, b, repeats=repeats)
-  return {"d": d, "K": k, "r_max": r_max, "R": k * r_max,
-          "dense_s": t_d, "factored_s": t_f, "speedup": t_d / t_f,
-          "rel_diff_rank_r_max": float(np.linalg.norm(approx(uf, sf, vf) - approx(ud, sd, vd))
-                                       / np.linalg.norm(approx(ud, sd, vd)))}
-
-
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", action="append", help="d,K,r_max (repeatable)")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--out", default="results/flexlora_svd.json")
-  args = p.parse_args()
-  rows = [run(*map(int, c.split(",")), repeats=args.repeats) for c in (args.config or DEFAULT_CONFIGS)]
-  print(f"{'d':>6} {'K':>4} {'r_max':>6} {'R':>6} {'dense s':>10} {'factored s':>11} {'speedup':>8} {'rel diff':>9}")
-  for r in rows:
-    print(f"{r['d']:>6} {r['K']:>4} {r['r_max']:>6} {r['R']:>6} {r['dense_s']:>10.4f} "
-          f"{r['factored_s']:>11.4f} {r['speedup']:>7.1f}x {r['rel_diff_rank_r_max']:>9.1e}")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
-          "machine": platform.processor() or platform.machine(), "jax": jax.__version__}
-  out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-  print(f"wrote {out}")
+  p.add_argument("--config", action="append", help="d,K,r_max,ranks (repeatable); ranks in " + "|".join(RANK_MIXES))
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args(argv)
+  rows = []
+  for c in args.config or DEFAULT_CONFIGS:
+    d, k, r_max, mix = c.split(",")
+    rows.append(run(int(d), int(k), int(r_max), mix, args.repeats))
+    print(rows[-1], flush=True)
+  columns = ["d", "K", "r_max", "ranks", "R", "K_r_max", "dense_s", "stacked_s", "compact_s",
+             "speedup_stacked", "speedup_compact", "rel_diff_compact", "loadavg"]
+  common.write("flexlora_svd", {"rows": rows}, common.markdown_table(rows, columns),
+               f"One [d, d] kernel, K clients, float32, {jax.default_backend()}; median of "
+               f"{args.repeats} calls after compilation. R = sum of client ranks.")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import optax
 
 from hetlora import client as client_lib
 from hetlora import data as data_lib
+from hetlora import flexlora
 from hetlora import lora as lora_lib
 from hetlora import methods as methods_lib
 from hetlora import parallel
@@ -211,6 +212,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       raise ValueError("method helora_kd distils on public data: set data.public_examples > 0.")
     method_kwargs.setdefault("group_ranks", tuple(sorted(set(map(int, client_ranks)))))
     method_kwargs.update(logits_fn=logits_fn, alpha=config.lora.alpha, scale_rule=config.lora.scale_rule)
+  if config.method.name == "flexlora":  # the SVD then works on the cohort's actual ranks
+    method_kwargs.setdefault("core_rank", flexlora.core_rank_bound(
+        client_ranks, config.server.clients_per_round, config.lora.r_max))
   method = methods_lib.get_method(config.method.name, **method_kwargs)
   p = config.client.pruning
   spec = client_lib.LocalSpec(

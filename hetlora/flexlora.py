@@ -13,9 +13,16 @@ them on their ``B``; ``s_k`` the client's own scale, so ``s_k a_k b_k`` is
 the rank-``r_k`` truncation of ``dW``). The SVD is computed without forming
 the ``[d_in, d_out]`` matrix: with ``A = [sqrt(p_k s_k) a_k diag(m_k)]_k:
 [d_in, R]`` and ``B = [sqrt(p_k s_k) diag(m_k) b_k]_k: [R, d_out]``
-(``R = K r_max``), ``dW = A B``; reduced QRs ``A = Q_a R_a``, ``B^T = Q_b R_b``
-and the SVD of the small core ``R_a R_b^T = U_c S V_c^T``
-(``[min(d_in, R), min(d_out, R)]``) give ``U = Q_a U_c``, ``V = Q_b V_c``.
+(``K r_max`` columns, of which only ``R = sum_k r_k`` are not masked to zero),
+``dW = A B``; reduced QRs ``A = Q_a R_a``, ``B^T = Q_b R_b`` and the SVD of the
+small core ``R_a R_b^T = U_c S V_c^T`` give ``U = Q_a U_c``, ``V = Q_b V_c``.
+With ``core_rank`` (a static bound on ``R``, e.g. :func:`core_rank_bound` of
+the run's client ranks) the unmasked columns are first gathered to the front
+(:func:`compact`), so the QRs are ``[d, core_rank]`` and the core
+``[core_rank, core_rank]``: the cost falls with the clients' actual ranks, not
+with ``K r_max``. A cohort whose ``R`` exceeds the bound takes the full
+``K r_max`` path (a ``lax.cond``), so the bound affects speed only, never the
+result.
 
 Truncations of one SVD are nested, so the server holds only the rank-``r_max``
 factors ``a = U[:, :r_max]``, ``b = S[:r_max] V[:, :r_max]^T``: **scale 1**
@@ -31,8 +38,11 @@ Importing this module registers ``'flexlora'`` in :mod:`hetlora.aggregation`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hetlora import aggregation
 from hetlora import flora
@@ -68,29 +78,80 @@ def svd_of_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, ja
   return q_a @ u_c, s, vt_c @ q_b.T
 
 
-@jax.jit
-def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array) -> LoRA:
+def core_rank_bound(client_ranks, cohort_size: int, r_max: int) -> int:
+  """The largest ``sum_k min(r_k, r_max)`` any cohort of ``cohort_size`` clients can have.
+
+  Args:
+    client_ranks: ``int[N]`` every client's rank (host values).
+    cohort_size: clients per round ``K``; r_max: the adapter width.
+
+  Example:
+    >>> core_rank_bound([1, 8, 4, 64], cohort_size=2, r_max=32)
+    40
+  """
+  ranks = np.minimum(np.sort(np.asarray(client_ranks, np.int64))[::-1][:cohort_size], r_max)
+  return int(ranks.sum())
+
+
+def compact(a: jax.Array, b: jax.Array, active: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+  """Gathers the active rank columns of stacked factors to the front.
+
+  Args:
+    a: ``[d_in, C]``; b: ``[C, d_out]``; active: ``bool[C]`` (inactive columns of
+      ``a`` and rows of ``b`` are zero); width: the static output width, ``<= C``.
+
+  Returns:
+    ``a[:, idx]: [d_in, width]`` and ``b[idx]: [width, d_out]`` where ``idx``
+    lists the active columns first, in order. ``a @ b`` is unchanged when at
+    most ``width`` columns are active.
+  """
+  idx = jnp.argsort(~active, stable=True)[:width]
+  return jnp.take(a, idx, axis=1), jnp.take(b, idx, axis=0)
+
+
+def _top(a: jax.Array, b: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+  """``U[:, :r]: [d_in, r]`` and ``S V^T[:r]: [r, d_out]`` of ``a @ b``, zero-padded to ``r``."""
+  u, s, vt = svd_of_product(a, b)
+  q = min(r, s.shape[0])
+  return (jnp.pad(u[:, :q], ((0, 0), (0, r - q))),
+          jnp.pad(s[:q, None] * vt[:q], ((0, r - q), (0, 0))))
+
+
+@functools.partial(jax.jit, static_argnames=("core_rank",))
+def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array,
+             core_rank: int | None = None) -> LoRA:
   """Rank-``r_max`` SVD factors of ``dW = sum_k p_k s_k a_k diag(m_k) b_k``.
 
   Args:
     lora: stacked tree ``a: [K, d_in, r_max]``, ``b: [K, r_max, d_out]``.
     ranks: ``int32[K]``; num_examples: ``float[K]``; scales: ``float[K]``
       (``s_k >= 0``, each client's own scale).
+    core_rank: optional static bound on ``R = sum_k r_k`` over the clients with
+      examples; when given (and below ``K r_max``) the SVD works on ``R`` columns
+      instead of ``K r_max``. Any value gives the same factors up to rounding.
 
   Returns:
     ``a = U[:, :r_max]: [d_in, r_max]``, ``b = S V^T[:r_max]: [r_max, d_out]``,
     scale 1 (zero-padded if ``min(d_in, d_out) < r_max``).
   """
   aggregation.check_inputs(lora, ranks, num_examples, scales)
+  if core_rank is not None and core_rank < 1:
+    raise ValueError(f"core_rank must be a positive bound on the sum of client ranks, got {core_rank}.")
   r_max = lora_lib.r_max_of(lora)
   w = jnp.sqrt(aggregation.example_weights(num_examples) * scales.astype(jnp.float32))
+  active = ((lora_lib.rank_mask(ranks, r_max) > 0) & (w[:, None] > 0)).reshape(-1)   # [K r_max]
 
   def one(mod):
-    u, s, vt = svd_of_product(*flora.stacked_factors(mod, ranks, w, w))
-    return {"a": u[:, :r_max].astype(mod["a"].dtype),
-            "b": (s[:r_max, None] * vt[:r_max]).astype(mod["b"].dtype)}
+    a, b = flora.stacked_factors(mod, ranks, w, w)
+    if core_rank is None or core_rank >= a.shape[1]:
+      u, svt = _top(a, b, r_max)
+    else:
+      u, svt = jax.lax.cond(jnp.sum(active) <= core_rank,
+                            lambda: _top(*compact(a, b, active, core_rank), r_max),
+                            lambda: _top(a, b, r_max))
+    return {"a": u.astype(mod["a"].dtype), "b": svt.astype(mod["b"].dtype)}
 
-  return lora_lib.resize(lora_lib.map_modules(one, lora), r_max)
+  return lora_lib.map_modules(one, lora)
 
 
 def distribute(global_lora: LoRA, ranks: jax.Array, scales: jax.Array) -> LoRA:

@@ -146,8 +146,9 @@ _BUILDERS: dict[str, Callable[..., Method]] = {
     "zero_pad": lambda: Method("zero_pad", aggregation.zero_pad),
     "hetlora": lambda **kw: Method("hetlora", aggregation.get("hetlora", **kw)),
     "helora_pad": lambda **kw: Method("helora_pad", functools.partial(helora_pad.helora_pad, **kw)),
-    "flexlora": lambda: Method("flexlora", flexlora.flexlora, _flexlora_distribute,
-                               fold_global=_flexlora_fold),
+    "flexlora": lambda core_rank=None: Method(
+        "flexlora", functools.partial(flexlora.flexlora, core_rank=core_rank), _flexlora_distribute,
+        fold_global=_flexlora_fold),
     "flora": lambda: Method("flora", flora.stack, _flora_fresh, resets_clients=True,
                             merges_into_base=True, init_global=lambda g, r: jax.tree.map(jnp.zeros_like, g),
                             server_update=_flora_zeros),

