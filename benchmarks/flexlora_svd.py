@@ -1,9 +1,10 @@
 """FlexLoRA's SVD: the aggregator (QR + small core SVD) vs a dense SVD of ``dW``.
 
 One adapted ``[d, d]`` kernel, ``K`` clients of width ``r_max`` with ranks
-drawn from a mix (``max``: every client at ``r_max``; ``pow2``: uniform over
-``{1, 2, 4, ..., r_max}``; ``uniform``: uniform over ``1..r_max``), random
-factors, example counts uniform in [10, 200], scales ``alpha / r_k``. Timed,
+from :func:`hetlora.ranks.assign`: a distribution of :data:`hetlora.ranks.DISTRIBUTIONS`
+over ``1..r_max``, or with the suffix ``_pow2`` over ``{1, 2, 4, ..., r_max}``
+(``constant``: every client at ``r_max``); random factors, example counts
+uniform in [10, 200], scales ``alpha / r_k``. Timed,
 each the median of ``--repeats`` calls after compilation:
 
 - ``dense``: forms ``dW = sum_k p_k s_k a_k b_k`` (``[d, d]``) and runs
@@ -19,7 +20,7 @@ can be saved when ``R >= d``: the core is then as large as ``dW``.
 Usage::
 
     python benchmarks/flexlora_svd.py
-    python benchmarks/flexlora_svd.py --config 1024,16,64,pow2 --config 4096,8,64,max
+    python benchmarks/flexlora_svd.py --config 1024,16,64,uniform_pow2 --config 4096,8,64,constant
 """
 
 from __future__ import annotations
@@ -35,21 +36,18 @@ from hetlora import aggregation
 from hetlora import flexlora
 from hetlora import flora
 from hetlora import lora as lora_lib
+from hetlora import ranks as ranks_lib
 
-DEFAULT_CONFIGS = ("1024,16,64,pow2", "1024,16,64,uniform", "1024,16,64,max",
-                   "1024,4,64,max", "2048,8,64,pow2", "2048,8,64,max")
-RANK_MIXES = ("max", "pow2", "uniform")
+DEFAULT_CONFIGS = ("1024,16,64,heavy_tail_pow2", "1024,16,64,uniform_pow2", "1024,16,64,normal_pow2",
+                   "1024,16,64,uniform", "1024,16,64,constant", "1024,4,64,constant",
+                   "2048,16,64,uniform")
 
 
-def client_ranks(rng: np.random.Generator, k: int, r_max: int, mix: str) -> np.ndarray:
-  """``int32[K]`` ranks drawn from ``mix`` (one of :data:`RANK_MIXES`)."""
-  if mix == "max":
-    return np.full(k, r_max, np.int32)
-  if mix == "pow2":
-    return rng.choice(2 ** np.arange(int(np.log2(r_max)) + 1), size=k).astype(np.int32)
-  if mix == "uniform":
-    return rng.integers(1, r_max + 1, size=k).astype(np.int32)
-  raise ValueError(f"rank mix {mix!r} is unknown; choose one of {RANK_MIXES}.")
+def client_ranks(k: int, r_max: int, mix: str) -> np.ndarray:
+  """``int32[K]`` ranks: ``mix`` is a distribution name, optionally with ``_pow2``."""
+  distribution = mix.removesuffix("_pow2")
+  choices = tuple(2 ** i for i in range(int(np.log2(r_max)) + 1)) if mix.endswith("_pow2") else ()
+  return ranks_lib.assign(k, 0, 1, r_max, choices, distribution).astype(np.int32)
 
 
 @jax.jit
@@ -64,7 +62,7 @@ def dense(lora, ranks, num_examples, scales):
 
 def run(d: int, k: int, r_max: int, mix: str, repeats: int) -> dict:
   rng = np.random.default_rng(0)
-  ranks = client_ranks(rng, k, r_max, mix)
+  ranks = client_ranks(k, r_max, mix)
   m = lora_lib.rank_mask(ranks, r_max)
   lora = {"q": {"a": jnp.float32(rng.normal(size=(k, d, r_max)) / np.sqrt(d)) * m[:, None, :],
                 "b": jnp.float32(rng.normal(size=(k, r_max, d)) / np.sqrt(r_max)) * m[:, :, None]}}
@@ -91,7 +89,8 @@ def run(d: int, k: int, r_max: int, mix: str, repeats: int) -> dict:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", action="append", help="d,K,r_max,ranks (repeatable); ranks in " + "|".join(RANK_MIXES))
+  p.add_argument("--config", action="append",
+                 help="d,K,r_max,ranks (repeatable); ranks: a distribution, optionally + '_pow2'")
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)
   rows = []

@@ -15,14 +15,15 @@ the ``[d_in, d_out]`` matrix: with ``A = [sqrt(p_k s_k) a_k diag(m_k)]_k:
 [d_in, R]`` and ``B = [sqrt(p_k s_k) diag(m_k) b_k]_k: [R, d_out]``
 (``K r_max`` columns, of which only ``R = sum_k r_k`` are not masked to zero),
 ``dW = A B``; reduced QRs ``A = Q_a R_a``, ``B^T = Q_b R_b`` and the SVD of the
-small core ``R_a R_b^T = U_c S V_c^T`` give ``U = Q_a U_c``, ``V = Q_b V_c``.
+small core ``R_a R_b^T = U_c S V_c^T`` give ``U = Q_a U_c`` and
+``S V^T = U^T A B`` (:func:`top_factors`).
 With ``core_rank`` (a static bound on ``R``, e.g. :func:`core_rank_bound` of
 the run's client ranks) the unmasked columns are first gathered to the front
 (:func:`compact`), so the QRs are ``[d, core_rank]`` and the core
 ``[core_rank, core_rank]``: the cost falls with the clients' actual ranks, not
 with ``K r_max``. A cohort whose ``R`` exceeds the bound takes the full
-``K r_max`` path (a ``lax.cond``), so the bound affects speed only, never the
-result.
+``K r_max`` path (a ``lax.cond``), so the bound affects speed only: both paths
+give the same factors up to float rounding.
 
 Truncations of one SVD are nested, so the server holds only the rank-``r_max``
 factors ``a = U[:, :r_max]``, ``b = S[:r_max] V[:, :r_max]^T``: **scale 1**
@@ -51,31 +52,41 @@ from hetlora import lora as lora_lib
 LoRA = lora_lib.LoRA
 
 
-def svd_of_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Thin SVD of ``a @ b`` without forming it.
+def top_factors(a: jax.Array, b: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+  """The top-``r`` SVD factors of ``a @ b`` without forming it.
+
+  With ``a @ b = U S V^T``: reduced QRs ``a = Q_a R_a`` and ``b^T = Q_b R_b``
+  (only ``R_b`` is formed), the SVD of the core ``R_a R_b^T = U_c S V_c^T``,
+  then ``U_r = Q_a U_c[:, :r]`` and ``S_r V_r^T = U_r^T a b`` (a projection:
+  no division by singular values). When ``R >= min(d_in, d_out)`` the QR route
+  saves nothing, and the product is formed and decomposed directly (a static,
+  shape-based choice).
 
   Args:
-    a: ``[d_in, R]``; b: ``[R, d_out]``.
+    a: ``[d_in, R]``; b: ``[R, d_out]``; r: how many triplets (static).
 
   Returns:
-    ``u: [d_in, q]``, ``s: [q]`` (descending), ``vt: [q, d_out]`` with
-    ``q = min(d_in, d_out, R)`` and ``u diag(s) vt == a @ b``. When
-    ``R >= min(d_in, d_out)`` the QR route saves nothing, and the product is
-    formed and decomposed directly (a static, shape-based choice).
+    ``U_r: [d_in, r]`` (orthonormal columns) and ``S_r V_r^T: [r, d_out]``,
+    zero-padded when ``min(d_in, d_out, R) < r``; ``U_r @ (S_r V_r^T)`` is the
+    best rank-``r`` approximation of ``a @ b``.
 
   Example:
-    >>> u, s, vt = svd_of_product(jnp.eye(3, 2), 2 * jnp.eye(2, 4))
-    >>> s.tolist()
+    >>> u, svt = top_factors(jnp.eye(3, 2), 2 * jnp.eye(2, 4), 2)
+    >>> jnp.linalg.norm(svt, axis=1).tolist()
     [2.0, 2.0]
   """
-  if a.shape[1] >= min(a.shape[0], b.shape[1]):  # the core is no smaller than dW: SVD dW itself
+  (d_in, width), d_out = a.shape, b.shape[1]
+  q = min(r, d_in, d_out, width)
+  if width >= min(d_in, d_out):  # the core is no smaller than dW: SVD dW itself
     u, s, vt = jnp.linalg.svd(a @ b, full_matrices=False)
-    q = min(a.shape[0], b.shape[1], a.shape[1])
-    return u[:, :q], s[:q], vt[:q]
-  q_a, r_a = jnp.linalg.qr(a)            # [d_in, qa], [qa, R]
-  q_b, r_b = jnp.linalg.qr(b.T)          # [d_out, qb], [qb, R]
-  u_c, s, vt_c = jnp.linalg.svd(r_a @ r_b.T, full_matrices=False)
-  return q_a @ u_c, s, vt_c @ q_b.T
+    u, svt = u[:, :q], s[:q, None] * vt[:q]
+  else:
+    q_a, r_a = jnp.linalg.qr(a)                   # [d_in, R], [R, R]
+    r_b = jnp.linalg.qr(b.T, mode="r")            # [R, R]
+    u_c = jnp.linalg.svd(r_a @ r_b.T, full_matrices=False)[0]
+    u = q_a @ u_c[:, :q]
+    svt = (u.T @ a) @ b
+  return jnp.pad(u, ((0, 0), (0, r - q))), jnp.pad(svt, ((0, r - q), (0, 0)))
 
 
 def core_rank_bound(client_ranks, cohort_size: int, r_max: int) -> int:
@@ -109,14 +120,6 @@ def compact(a: jax.Array, b: jax.Array, active: jax.Array, width: int) -> tuple[
   return jnp.take(a, idx, axis=1), jnp.take(b, idx, axis=0)
 
 
-def _top(a: jax.Array, b: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
-  """``U[:, :r]: [d_in, r]`` and ``S V^T[:r]: [r, d_out]`` of ``a @ b``, zero-padded to ``r``."""
-  u, s, vt = svd_of_product(a, b)
-  q = min(r, s.shape[0])
-  return (jnp.pad(u[:, :q], ((0, 0), (0, r - q))),
-          jnp.pad(s[:q, None] * vt[:q], ((0, r - q), (0, 0))))
-
-
 @functools.partial(jax.jit, static_argnames=("core_rank",))
 def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array,
              core_rank: int | None = None) -> LoRA:
@@ -144,11 +147,11 @@ def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.
   def one(mod):
     a, b = flora.stacked_factors(mod, ranks, w, w)
     if core_rank is None or core_rank >= a.shape[1]:
-      u, svt = _top(a, b, r_max)
+      u, svt = top_factors(a, b, r_max)
     else:
       u, svt = jax.lax.cond(jnp.sum(active) <= core_rank,
-                            lambda: _top(*compact(a, b, active, core_rank), r_max),
-                            lambda: _top(a, b, r_max))
+                            lambda: top_factors(*compact(a, b, active, core_rank), r_max),
+                            lambda: top_factors(a, b, r_max))
     return {"a": u.astype(mod["a"].dtype), "b": svt.astype(mod["b"].dtype)}
 
   return lora_lib.map_modules(one, lora)

@@ -20,19 +20,20 @@ def _product(mod):
   return np.asarray(mod["a"], np.float64) @ np.asarray(mod["b"], np.float64)
 
 
-@pytest.mark.parametrize("shape", [(8, 3, 6), (5, 12, 4), (3, 7, 9)])
-def test_svd_of_product_matches_dense_svd_up_to_sign(shape):
-  d_in, r, d_out = shape
+@pytest.mark.parametrize("shape", [(8, 3, 6), (5, 12, 4), (3, 7, 9), (30, 6, 20)])
+@pytest.mark.parametrize("r", [2, 4])
+def test_top_factors_match_dense_svd_up_to_sign(shape, r):
+  d_in, width, d_out = shape
   rng = np.random.default_rng(0)
-  a, b = rng.normal(size=(d_in, r)), rng.normal(size=(r, d_out))
-  u, s, vt = jax.jit(flexlora.svd_of_product)(jnp.float32(a), jnp.float32(b))
+  a, b = rng.normal(size=(d_in, width)), rng.normal(size=(width, d_out))
+  u, svt = jax.jit(flexlora.top_factors, static_argnums=2)(jnp.float32(a), jnp.float32(b), r)
   u_np, s_np, vt_np = np.linalg.svd(a @ b, full_matrices=False)
-  q = min(d_in, d_out, r)
-  assert u.shape == (d_in, q) and s.shape == (q,) and vt.shape == (q, d_out)
-  assert ref.rel_err(s, s_np[:q]) <= 1e-5
-  signs = np.sign(np.sum(np.asarray(u) * u_np[:, :q], axis=0))
-  assert ref.rel_err(np.asarray(u) * signs, u_np[:, :q]) <= 1e-5
-  assert ref.rel_err(np.asarray(vt) * signs[:, None], vt_np[:q]) <= 1e-5
+  q = min(d_in, d_out, width, r)
+  assert u.shape == (d_in, r) and svt.shape == (r, d_out)
+  signs = np.sign(np.sum(np.asarray(u[:, :q]) * u_np[:, :q], axis=0))
+  assert ref.rel_err(np.asarray(u[:, :q]) * signs, u_np[:, :q]) <= 1e-5
+  assert ref.rel_err(np.asarray(svt[:q]) * signs[:, None], s_np[:q, None] * vt_np[:q]) <= 1e-5
+  assert not np.any(np.asarray(u[:, q:])) and not np.any(np.asarray(svt[q:]))
 
 
 def _aggregate(ranks, n, scales, seed=0):
