@@ -1,7 +1,10 @@
 """Runs several methods of one config file side by side and writes a results table.
 
-  python launch/compare.py --config configs/banking77.py --variant cpu \
-      --methods hetlora,zero_pad,homlora_min,homlora_max --alphas 0.5,0.1 --out results/b77
+  python launch/compare.py --config configs/banking77.py --variant cpu --out results/b77
+
+runs every method (HetLoRA, zero-padding, HomLoRA at the smallest and the
+largest rank, HeLoRA-Pad, FlexLoRA, FLoRA, FFA-LoRA, HeLoRA-KD) at Dirichlet
+0.5 and 0.1; ``--methods`` and ``--alphas`` pick a subset.
 
 Every run shares the config's seed, clients, ranks and budget; only
 ``method`` (and ``alpha``) change. Writes ``results.md``, ``results.json``
@@ -18,7 +21,9 @@ from hetlora import compare
 
 _CONFIG = flags.DEFINE_string("config", "configs/banking77.py", "Config file with get_config(arg).")
 _VARIANT = flags.DEFINE_string("variant", "", "Extra config arguments, e.g. 'cpu' or 'runlocal'.")
-_METHODS = flags.DEFINE_list("methods", ["hetlora", "zero_pad", "homlora_min", "homlora_max"], "Methods.")
+_METHODS = flags.DEFINE_list(
+    "methods", ["hetlora", "zero_pad", "homlora_min", "homlora_max", "helora_pad", "flexlora", "flora",
+                "ffa_lora", "helora_kd"], "Methods (the config's method= names).")
 _ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.1"], "Dirichlet alphas.")
 _OUT = flags.DEFINE_string("out", "results/compare", "Output directory.")
 
