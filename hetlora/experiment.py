@@ -172,6 +172,20 @@ def _public_batches(public: dict[str, np.ndarray] | None, batch_size: int):
   return {"batch": batch, "mask": np.stack([b["mask"] for b in stacked])}
 
 
+def _method_options(config, client_ranks: np.ndarray, logits_fn, public) -> dict[str, Any]:
+  """``config.method.kwargs`` plus the options a method takes from the run itself."""
+  options = dict(config.method.kwargs)
+  if config.method.name == "helora_kd":
+    if public is None:
+      raise ValueError("method helora_kd distils on public data: set data.public_examples > 0.")
+    options.setdefault("group_ranks", tuple(sorted(set(map(int, client_ranks)))))
+    options.update(logits_fn=logits_fn, alpha=config.lora.alpha, scale_rule=config.lora.scale_rule)
+  elif config.method.name == "flexlora":  # the SVD then works on the cohort's actual ranks
+    options.setdefault("core_rank", flexlora.core_rank_bound(
+        client_ranks, config.server.clients_per_round, config.lora.r_max))
+  return options
+
+
 def make_backend(c: ml_collections.ConfigDict, spec: client_lib.LocalSpec):
   """``config.client.backend`` as :func:`hetlora.server.make_round` takes it.
 
@@ -206,16 +220,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
                                   config.lora.r_max, tuple(config.lora.rank_choices),
                                   config.lora.rank_distribution)
   global_lora = lora_lib.init(lora_key, base, config.lora.pattern, config.lora.r_max)
-  method_kwargs = dict(config.method.kwargs)
-  if config.method.name == "helora_kd":
-    if public is None:
-      raise ValueError("method helora_kd distils on public data: set data.public_examples > 0.")
-    method_kwargs.setdefault("group_ranks", tuple(sorted(set(map(int, client_ranks)))))
-    method_kwargs.update(logits_fn=logits_fn, alpha=config.lora.alpha, scale_rule=config.lora.scale_rule)
-  if config.method.name == "flexlora":  # the SVD then works on the cohort's actual ranks
-    method_kwargs.setdefault("core_rank", flexlora.core_rank_bound(
-        client_ranks, config.server.clients_per_round, config.lora.r_max))
-  method = methods_lib.get_method(config.method.name, **method_kwargs)
+  method = methods_lib.get_method(config.method.name,
+                                  **_method_options(config, client_ranks, logits_fn, public))
   p = config.client.pruning
   spec = client_lib.LocalSpec(
       loss_fn=tasks.classification_loss(model), optimizer=make_optimizer(config.client),

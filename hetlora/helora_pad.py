@@ -90,16 +90,16 @@ def pad(lora: LoRA, ranks: jax.Array, padding: str = "linear") -> LoRA:
     raise ValueError(f"method.padding must be one of {PADDINGS}, got {padding!r}.")
   r_max = lora_lib.r_max_of(lora)
 
-  def one(mod, rank):
+  def one(mod, rank):      # mod: one client's module, already masked to ``rank``
     m = lora_lib.rank_mask(rank, r_max)
     r = jnp.maximum(rank, 1).astype(jnp.float32)
-    a = mod["a"] * m.astype(mod["a"].dtype)
-    b = mod["b"] * m[:, None].astype(mod["b"].dtype)
+    a, b = mod["a"], mod["b"]
     fill_a = _fill(a, m, r, padding, axis=1)
     fill_b = _fill(b, m, r, padding, axis=0)
     return {"a": a + (1 - m) * fill_a, "b": b + (1 - m)[:, None] * fill_b}
 
-  return jax.vmap(lambda l, r: lora_lib.map_modules(lambda mod: one(mod, r), l))(lora, ranks)
+  return jax.vmap(lambda l, r: lora_lib.map_modules(lambda mod: one(mod, r), l))(
+      aggregation.masked(lora, ranks), ranks)
 
 
 def rank_weights(ranks: jax.Array, num_examples: jax.Array, weighting: str) -> jax.Array:

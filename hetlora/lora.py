@@ -173,13 +173,18 @@ def delta(lora: LoRA, rank: jax.Array, s: jax.Array) -> LoRA:
   return map_modules(lambda mod: (mod["a"] * v) @ mod["b"], lora)
 
 
-def merge(base_params: Params, lora: LoRA, rank: jax.Array, s: jax.Array) -> Params:
-  """Base parameters with every adapted kernel replaced by ``W0 + dW``."""
-  flat = dict(traverse_util.flatten_dict(base_params, sep="/"))
-  for path, dw in traverse_util.flatten_dict(delta(lora, rank, s), sep="/").items():
+def add_to_kernels(params: Params, deltas: Any) -> Params:
+  """``params`` with ``deltas[path]`` (``[d_in, d_out]``) added to each ``path/kernel``."""
+  flat = dict(traverse_util.flatten_dict(params, sep="/"))
+  for path, dw in traverse_util.flatten_dict(deltas, sep="/").items():
     kernel = flat[path + "/kernel"]
     flat[path + "/kernel"] = (kernel + dw).astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def merge(base_params: Params, lora: LoRA, rank: jax.Array, s: jax.Array) -> Params:
+  """Base parameters with every adapted kernel replaced by ``W0 + dW``."""
+  return add_to_kernels(base_params, delta(lora, rank, s))
 
 
 def resize(lora: LoRA, r_new: int) -> LoRA:

@@ -165,9 +165,9 @@ def get_method(name: str, **kwargs) -> Method:
   """The method ``name`` with its options bound.
 
   Options: ``hetlora(per_module, use_num_examples)``, ``helora_pad(padding,
-  weighting)``, ``helora_kd(group_ranks, logits_fn, alpha, scale_rule,
-  temperature, epochs, ce_weight, learning_rate, weight_decay)``; the others
-  take none.
+  weighting)``, ``flexlora(core_rank)``, ``helora_kd(group_ranks, logits_fn,
+  alpha, scale_rule, temperature, epochs, ce_weight, learning_rate,
+  weight_decay)``; the others take none.
 
   >>> get_method('flora').merges_into_base
   True

@@ -32,7 +32,6 @@ import dataclasses
 
 import chex
 import flax.struct
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,11 +71,7 @@ def effective_base(state: ServerState, base_params: Any) -> Any:
   """
   if state.base_delta is None:
     return base_params
-  flat = dict(traverse_util.flatten_dict(base_params, sep="/"))
-  for path, dw in traverse_util.flatten_dict(state.base_delta, sep="/").items():
-    kernel = flat[path + "/kernel"]
-    flat[path + "/kernel"] = (kernel + dw).astype(kernel.dtype)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return lora_lib.add_to_kernels(base_params, state.base_delta)
 
 
 def init(global_lora: lora_lib.LoRA, client_ranks: Any,

@@ -54,10 +54,10 @@ def make_evaluator(exp: experiment_lib.Experiment) -> Callable[[server.ServerSta
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return jnp.sum(correct * batch["mask"]), jnp.sum(nll * batch["mask"])
 
+  fold = jax.jit(lambda lora: exp.method.fold_global(lora, alpha, rule))
+
   @jax.jit
-  def step(state, base, batch):
-    base = server.effective_base(state, base)
-    lora_eff = exp.method.fold_global(state.lora, alpha, rule)
+  def step(base, lora_eff, batch):
     if next(iter(lora_lib.modules(lora_eff).values()))["a"].ndim == 3:  # rank groups
       return jax.vmap(one, in_axes=(None, 0, None))(base, lora_eff, batch)
     return one(base, lora_eff, batch)
@@ -67,8 +67,10 @@ def make_evaluator(exp: experiment_lib.Experiment) -> Callable[[server.ServerSta
 
   def evaluate(state):
     correct = nll = 0.0
+    base = server.effective_base(state, exp.base_params)   # once per evaluation, not per batch
+    lora_eff = fold(state.lora)
     for b in batches:
-      c, l = step(state, exp.base_params, b)
+      c, l = step(base, lora_eff, b)
       correct, nll = correct + np.asarray(c), nll + np.asarray(l)
     acc, loss = np.atleast_1d(correct / total), np.atleast_1d(nll / total)
     out = {"test_accuracy": float(acc.mean()), "test_loss": float(loss.mean())}
