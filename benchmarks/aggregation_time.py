@@ -1,4 +1,4 @@
-"""Time of every registered aggregator on a large stacked adapter.
+"""Time of every method's aggregator on a large stacked adapter.
 
 Input: ``--layers`` adapted modules (one ``[d, d]`` projection per layer),
 stacked over K clients: ``a: [K, d, r_max]``, ``b: [K, r_max, d]`` per module
@@ -6,8 +6,9 @@ stacked over K clients: ``a: [K, d, r_max]``, ``b: [K, r_max, d]`` per module
 of float32 factors), ranks uniform in ``[1, r_max]``, random factors,
 ``n_k`` uniform in [10, 200], scales ``alpha / r_k``.
 
-Every name in :func:`hetlora.aggregation.names` (importing :mod:`hetlora`
-registers the method modules' aggregators) is compiled once and timed over
+Every method module whose ``aggregate`` has the shared signature
+``(lora, ranks, num_examples, scales)`` (:func:`hetlora.methods.names`; all
+but HeLoRA-KD, whose groups replace the scales) is compiled once and timed over
 ``--repeats`` calls (once if the first call exceeds ``--slow-seconds``);
 reported: compile seconds and the median call.
 
@@ -19,6 +20,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import jax
@@ -26,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-import hetlora  # noqa: F401  (registers every method's aggregator)
-from hetlora import aggregation
+from hetlora import methods
 from hetlora import lora as lora_lib
 
 
@@ -46,6 +47,13 @@ def stacked_problem(k: int, d: int, layers: int, r_max: int, seed: int = 0):
   return jax.block_until_ready((lora, ranks, num_examples, scales))
 
 
+def shared_signature() -> list[str]:
+  """The methods whose module-level ``aggregate`` takes ``(lora, ranks, num_examples, scales)``."""
+  def params(name):
+    return list(inspect.signature(methods.module(name).aggregate).parameters)[:4]
+  return [n for n in methods.names() if params(n) == ["lora", "ranks", "num_examples", "scales"]]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--clients", type=int, default=64)
@@ -59,8 +67,8 @@ def main(argv=None):
 
   inputs = stacked_problem(args.clients, args.d, args.layers, args.r_max)
   rows = []
-  for name in aggregation.names():
-    fn = jax.jit(aggregation.get(name))
+  for name in shared_signature():
+    fn = jax.jit(methods.module(name).aggregate)
     load = common.loadavg()
     t0 = time.perf_counter()
     compiled = fn.lower(*inputs).compile()

@@ -9,7 +9,7 @@ each the median of ``--repeats`` calls after compilation:
 
 - ``dense``: forms ``dW = sum_k p_k s_k a_k b_k`` (``[d, d]``) and runs
   ``jnp.linalg.svd`` on it, keeping the top ``r_max`` triplets: the baseline.
-- ``stacked``: :func:`hetlora.flexlora.flexlora` without ``core_rank``: QRs of
+- ``stacked``: :func:`hetlora.methods.flexlora.aggregate` without ``core_rank``: QRs of
   all ``K r_max`` stacked columns (the dense SVD when ``K r_max >= d``).
 - ``compact``: the same with ``core_rank = R = sum_k r_k``, the cohort's
   actual ranks: QRs of ``[d, R]``, an ``[R, R]`` core.
@@ -33,10 +33,10 @@ import numpy as np
 
 import common
 from hetlora import aggregation
-from hetlora import flexlora
-from hetlora import flora
 from hetlora import lora as lora_lib
 from hetlora import ranks as ranks_lib
+from hetlora.methods import flexlora
+from hetlora.methods import flora
 
 DEFAULT_CONFIGS = ("1024,16,64,heavy_tail_pow2", "1024,16,64,uniform_pow2", "1024,16,64,normal_pow2",
                    "1024,16,64,uniform", "1024,16,64,constant", "1024,4,64,constant",
@@ -69,8 +69,8 @@ def run(d: int, k: int, r_max: int, mix: str, repeats: int) -> dict:
   args = (lora, jnp.asarray(ranks), jnp.float32(rng.integers(10, 201, size=k)),
           lora_lib.scale(jnp.asarray(ranks), 2.0 * r_max, "alpha/r", r_max))
   core = int(ranks.sum())
-  fns = {"dense": dense, "stacked": flexlora.flexlora,
-         "compact": lambda *a: flexlora.flexlora(*a, core_rank=core)}
+  fns = {"dense": dense, "stacked": flexlora.aggregate,
+         "compact": lambda *a: flexlora.aggregate(*a, core_rank=core)}
   product = lambda out: np.asarray(out["q"]["a"], np.float64) @ np.asarray(out["q"]["b"], np.float64)
   outs = {name: common.block(fn(*args)) for name, fn in fns.items()}       # compile + warm up
   secs = {name: common.median(common.time_calls(lambda fn=fn: fn(*args), repeats))

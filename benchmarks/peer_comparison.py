@@ -95,7 +95,7 @@ def ours(a, dynamic: bool) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import setups
-  from hetlora import aggregation, data, server
+  from hetlora import data, methods, server
   from hetlora.models import tokenizer
 
   t_start = time.perf_counter()
@@ -106,8 +106,9 @@ def ours(a, dynamic: bool) -> dict:
   rng = np.random.default_rng(a.seed)
   client_ranks = rng.integers(a.r_min, a.r_max + 1, size=a.num_clients)
   setup = setups.minilm(a.r_max, seq_len=a.seq_len, num_labels=len(set(train.labels)))
-  state = server.init(setup.global_lora, client_ranks)
-  round_fn = server.make_round(setup.spec, aggregation.get("hetlora"), "vmap")
+  method = methods.get("hetlora", lam=0.0, prune=False)   # sparsity-weighted aggregation, fixed ranks
+  state = server.init(setup.global_lora, client_ranks, method)
+  round_fn = server.make_round(setup.spec, method, "vmap")
   t_setup = time.perf_counter() - t_start
 
   times, lengths, losses = [], [], []

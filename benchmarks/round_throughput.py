@@ -3,7 +3,7 @@
 For each cohort size K, the same work (K clients x ``steps`` local steps x
 ``batch`` examples, mixed ranks in ``[r_min, r_max]``):
 
-- ``vmap``: ``server.make_round(spec, 'hetlora', backend='vmap')``, one jitted
+- ``vmap``: ``server.make_round(spec, methods.get('hetlora', ...), backend='vmap')``, one jitted
   program (distribute + vmapped local training + aggregation);
 - ``sequential``: the same round with ``backend='sequential'`` (a Python loop
   over one jitted client, :func:`hetlora.client.sequential_backend`);
@@ -33,7 +33,7 @@ import numpy as np
 
 import common
 import setups
-from hetlora import aggregation
+from hetlora import methods
 from hetlora import client as client_lib
 from hetlora import memory
 from hetlora import server
@@ -42,10 +42,11 @@ from hetlora import server
 def _round_case(setup, k, steps, batch, ranks, backend, repeats):
   """``(compile_s, [seconds per call], compiled memory or None)`` of one server round."""
   data = setup.cohort(k, steps, batch, seed=k)
-  state = server.init(setup.global_lora, ranks)
+  method = methods.get("hetlora", lam=0.0, prune=False)   # sparsity-weighted aggregation, fixed ranks
+  state = server.init(setup.global_lora, ranks, method)
   cohort = jnp.arange(k, dtype=jnp.int32)
   n = jnp.full((k,), float(steps * batch))
-  round_fn = server.make_round(setup.spec, aggregation.get("hetlora"), backend)
+  round_fn = server.make_round(setup.spec, method, backend)
   args = (state, setup.base, cohort, data, n)
   if backend == "vmap":
     t0 = time.perf_counter()

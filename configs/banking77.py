@@ -6,9 +6,12 @@ Setting: 30 clients, all taking part every round, Dirichlet label skew
 epochs, LoRA on attention query/value. Deviations: MiniLM-L6 (22.7M) instead
 of RoBERTa-base; by default the classifier is adapted by LoRA too
 (``head=lora``; ``head=frozen`` keeps it a frozen random projection, as in the
-paper). Methods: ``method=hetlora|zero_pad|homlora_min|homlora_max`` (HomLoRA
-is FedAvg with every client at rank 1 or 32) and every name in
-``hetlora.methods.names()``.
+paper). Methods: every name in ``hetlora.methods.names()``, plus
+``homlora_min|homlora_max`` (HomLoRA with every client at rank 1 or 32).
+HetLoRA runs with its tail regulariser and self-pruning (its defaults);
+every other method trains on the task loss alone. Every method trains at
+the same LoRA scale ``alpha / r_max = 2`` (FFA-LoRA, at rank 8, too: the
+scale of LoRA-A2's FFA-LoRA rows, 16/8).
 
 Commands:
   # full setting (GPU; about 15 s per round on one A100-class GPU, untested here)
@@ -45,10 +48,6 @@ def get_config(arg=None):
   c.lora.rank_choices = RANK_CHOICES
   c.lora.r_min, c.lora.r_max = 1, 32
   c.lora.rank_distribution = a.ranks
-  # one scale for every client, alpha / r_max = 2: a truncated global adapter then means the same
-  # thing at every rank (with alpha / r_k a rank-1 client's slot would weigh 32x a rank-32 one's)
-  c.lora.scale_rule = "alpha/r_max"
-  c.lora.alpha = 64.0
   c.lora.pattern = {"lora": r"attention/(query|value)/kernel$|classifier/kernel$",
                     "frozen": r"attention/(query|value)/kernel$"}[a.head]
   c.eval.every = 5
@@ -59,15 +58,16 @@ def get_config(arg=None):
     rank = RANK_CHOICES[0] if method == "homlora_min" else RANK_CHOICES[-1]
     c.lora.rank_choices = (rank,)
     c.lora.r_min = rank
-    c.client.pruning.enabled = False
     method = "homlora"
-  if method in ("zero_pad", "homlora", "fedavg", "flexlora", "flora", "helora_pad", "ffa_lora"):
-    c.client.pruning.enabled = False  # self-pruning belongs to HetLoRA
   if method == "ffa_lora":
     c.lora.rank_choices, c.lora.r_min, c.lora.r_max = (8,), 8, 8
   if method == "helora_kd":
     c.data.public_examples = 500
   c.method.name = method
+  # one scale for every client and method, alpha / r_max = 2: a truncated global adapter then means
+  # the same thing at every rank (with alpha / r_k a rank-1 client's slot would weigh 32x a rank-32 one's)
+  c.lora.scale_rule = "alpha/r_max"
+  c.lora.alpha = 2.0 * c.lora.r_max
 
   if a.cpu:  # the budget a 2-core CPU finishes in about 5 minutes per method
     c.data.max_train_examples = 3000

@@ -27,7 +27,8 @@ def base():
   c.tensorboard = False       # also write tensorboardX scalars
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "all-minilm-l6-v2"   # a known name (installed package) or a local HF BERT directory
+  c.model.kind = "bert_classifier"    # a module of hetlora.models: 'bert_classifier' | 'llama_lm'
+  c.model.name = "all-minilm-l6-v2"   # a known name (installed package) or a local dir / GGUF file
   c.model.pooling = "mean"            # 'mean' | 'cls'
   c.model.max_len = 64                # tokens per example (truncate / pad)
   c.model.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16'
@@ -36,7 +37,7 @@ def base():
   c.data.source = "tweets"            # 'tweets' | 'banking77' | 'csv' | 'jsonl' | 'tfds'
   c.data.source_kwargs = ml_collections.ConfigDict()  # e.g. data_dir, path, text_column, label_column
   c.data.test_kwargs = ml_collections.ConfigDict()    # overrides for the test data, e.g. path of a test CSV
-  c.data.partition = "dirichlet"      # 'dirichlet' | 'iid' | 'shards'
+  c.data.partition = "dirichlet"      # 'dirichlet' | 'iid' | 'shards' | 'natural' (one client per task)
   c.data.num_clients = 20
   c.data.dirichlet_alpha = 0.5
   c.data.min_client_size = 10
@@ -46,7 +47,7 @@ def base():
   c.data.public_examples = 0          # held-out training examples for server-side distillation (HeLoRA-KD)
 
   c.lora = ml_collections.ConfigDict()
-  c.lora.pattern = r"attention/(query|value)/kernel$|classifier/kernel$"
+  c.lora.pattern = ""                 # regex over parameter paths; "" = the model provider's default
   c.lora.r_min = 2
   c.lora.r_max = 16
   c.lora.rank_choices = ()            # e.g. (1, 2, 4, 8, 16, 32); empty = every rank in [r_min, r_max]
@@ -55,8 +56,9 @@ def base():
   c.lora.scale_rule = "alpha/r"       # 'alpha/r' (client rank) | 'alpha/r_max' | 'rslora'
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "hetlora"
-  c.method.kwargs = ml_collections.ConfigDict()
+  c.method.name = "hetlora"           # a module of hetlora.methods: hetlora, zero_pad, homlora, ...
+  c.method.kwargs = ml_collections.ConfigDict()  # that module's make() options, e.g. HetLoRA's
+                                                 # lam (1e-3), gamma (0.99), prune (True)
 
   c.client = ml_collections.ConfigDict()
   c.client.optimizer = "adamw"
@@ -67,10 +69,6 @@ def base():
   c.client.local_steps = 10
   c.client.backend = "vmap"           # 'vmap' | 'sequential' | 'chunked' | 'sharded' (clients over devices)
   c.client.chunk_size = 0             # clients per chunk ('chunked'; optional for 'sharded')
-  c.client.pruning = ml_collections.ConfigDict()
-  c.client.pruning.enabled = True     # HetLoRA rank self-pruning
-  c.client.pruning.lam = 1e-3         # tail-norm regulariser weight
-  c.client.pruning.gamma = 0.99
 
   c.server = ml_collections.ConfigDict()
   c.server.rounds = 10

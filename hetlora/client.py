@@ -1,21 +1,16 @@
-"""Local training of one client, rank self-pruning, and the round as its vmap.
+"""Local training of one client, and the round as its vmap.
 
 One client trains its masked-rank LoRA tree for ``steps`` local steps
 (``lax.scan``) on ``data = {'batch': [steps, B, ...], 'mask': [steps, B]}``.
 The loss of a step is the mean per-example loss over the real examples
-(``mask == 1``); a step with no real example is skipped entirely (factors
-and optimizer state unchanged), so clients with fewer examples are padded,
-never dropped, and padding never moves a momentum.
+(``mask == 1``) plus the method's local penalty, if any; a step with no real
+example is skipped entirely (factors and optimizer state unchanged), so
+clients with fewer examples are padded, never dropped, and padding never
+moves a momentum.
 
-Rank self-pruning follows HetLoRA (Cho et al., EMNLP 2024, arXiv 2401.06432,
-Sec. 3.2 "local training with rank self-pruning"), as specified in the
-project's ALGORITHMS.md: the loss gains::
-
-    lam * sum_modules ||b[t:r, :]||_F * ||a[:, t:r]||_F,   t = floor(gamma * r)
-
-(gradients flow through it), and if that tail score after local training is
-below its value at the start of the round, ``r <- max(r_min, floor(gamma r))``
-and the pruned slots are zeroed before upload.
+What a method adds to local training (HetLoRA's tail regulariser and rank
+self-pruning, FFA-LoRA's frozen ``a``) comes in as a
+:class:`hetlora.methods.Local`; this module names no method.
 
 A model enters only through ``loss_fn(base_params, lora_eff, batch) ->
 float32[B]`` (per-example losses), where ``lora_eff`` is
@@ -34,55 +29,24 @@ import optax
 
 from hetlora import aggregation
 from hetlora import lora as lora_lib
+from hetlora.methods import base as method_base
 
 LossFn = Callable[[Any, lora_lib.LoRA, Mapping[str, jax.Array]], jax.Array]
-TRAINABLE = ("ab", "b")
-
-
-@dataclasses.dataclass(frozen=True)
-class Pruning:
-  """HetLoRA rank self-pruning options.
-
-  Attributes:
-    lam: weight of the tail-norm regulariser (0 disables the term).
-    gamma: keep ratio; ``t = floor(gamma * r)`` slots are kept (0.99 drops one
-      slot per pruning for ranks below 100).
-    r_min: ranks never fall below this.
-    enabled: apply the pruning decision (the regulariser applies whenever
-      ``lam > 0``).
-  """
-  lam: float = 0.0
-  gamma: float = 0.99
-  r_min: int = 1
-  enabled: bool = False
-
-  def __post_init__(self):
-    if not 0.0 < self.gamma <= 1.0:
-      raise ValueError(f"client.pruning.gamma must be in (0, 1], got {self.gamma}.")
-    if self.r_min < 1:
-      raise ValueError(f"client.pruning.r_min must be >= 1, got {self.r_min}.")
-    if self.lam < 0:
-      raise ValueError(f"client.pruning.lam must be >= 0, got {self.lam}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalSpec:
-  """What every client of a run shares: model loss, optimizer, scale rule.
+  """What every client of a run shares: model loss, optimizer, scale rule, the method's local rule.
 
-  ``trainable``: ``'ab'`` trains both factors; ``'b'`` keeps ``a`` fixed at
-  its starting value (FFA-LoRA, Sun et al., ICLR 2024): the optimizer's
-  update of ``a`` (gradient step and any weight decay) is replaced by zero.
+  ``local``: the method's :class:`hetlora.methods.Local` (penalty, rank
+  change, trainable factors); :func:`hetlora.server.make_round` sets it from
+  the method for its built-in backends.
   """
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   alpha: float
   scale_rule: str = "alpha/r"
-  pruning: Pruning = Pruning()
-  trainable: str = "ab"
-
-  def __post_init__(self):
-    if self.trainable not in TRAINABLE:
-      raise ValueError(f"client.trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
+  local: method_base.Local = method_base.Local()
 
 
 @chex.dataclass(frozen=True)
@@ -91,7 +55,7 @@ class ClientResult:
 
   Attributes:
     lora: trained factors, slots ``>= rank`` zero.
-    rank: ``int32`` rank after self-pruning.
+    rank: ``int32`` rank after local training (a method may lower it).
     loss: mean training loss over the real examples of all steps.
     examples: number of real examples seen (with repeats over epochs).
     update_norm: ``||dW||_F`` over all modules (scale included).
@@ -103,39 +67,12 @@ class ClientResult:
   update_norm: jax.Array
 
 
-def _safe_norm(x: jax.Array) -> jax.Array:
-  """Frobenius norm with a zero (not NaN) gradient at zero."""
-  sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
-
-
-def tail_score(lora: lora_lib.LoRA, rank: jax.Array, gamma: float) -> jax.Array:
-  """``sum_modules ||b[t:r]||_F ||a[:, t:r]||_F`` with ``t = floor(gamma r)``."""
-  r_max = lora_lib.r_max_of(lora)
-  t = jnp.floor(gamma * rank.astype(jnp.float32)).astype(jnp.int32)
-  slots = jnp.arange(r_max)
-  tail = ((slots >= t) & (slots < rank)).astype(jnp.float32)
-  scores = [_safe_norm(mod["b"] * tail[:, None]) * _safe_norm(mod["a"] * tail)
-            for mod in lora_lib.modules(lora).values()]
-  return sum(scores)
-
-
-def pruned_rank(rank: jax.Array, before: jax.Array, after: jax.Array, pruning: Pruning) -> jax.Array:
-  """``max(r_min, floor(gamma r))`` if the tail score fell, else ``rank`` (never larger)."""
-  if not pruning.enabled:
-    return rank
-  smaller = jnp.floor(pruning.gamma * rank.astype(jnp.float32)).astype(jnp.int32)
-  smaller = jnp.minimum(rank, jnp.maximum(pruning.r_min, smaller))
-  return jnp.where(after < before, smaller, rank).astype(jnp.int32)
-
-
 def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: jax.Array,
                 data: Mapping[str, Any]) -> ClientResult:
   """Trains one client.
 
   Args:
-    spec: shared loss, optimizer, scale rule and pruning options.
+    spec: shared loss, optimizer, scale rule and the method's local rule.
     base_params: frozen base weights (never differentiated).
     lora: the client's starting tree ``a: [d_in, r_max]``, masked to ``rank``.
     rank: ``int32[]`` client rank.
@@ -147,20 +84,20 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
   chex.assert_rank(rank, 0)
   r_max = lora_lib.r_max_of(lora)
   s = lora_lib.scale(rank, spec.alpha, spec.scale_rule, r_max)
-  lam, gamma = spec.pruning.lam, spec.pruning.gamma
+  local = spec.local
 
   def objective(params, batch, mask):
     losses = spec.loss_fn(base_params, lora_lib.fold_scale(params, rank, s), batch)
     data_loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    reg = lam * tail_score(params, rank, gamma) if lam > 0 else 0.0
-    return data_loss + reg, data_loss
+    penalty = local.penalty(params, rank) if local.penalty is not None else 0.0
+    return data_loss + penalty, data_loss
 
   def step(carry, xs):
     params, opt_state = carry
     batch, mask = xs
     (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, mask)
     updates, new_opt_state = spec.optimizer.update(grads, opt_state, params)
-    if spec.trainable == "b":
+    if local.trainable == "b":
       updates = lora_lib.map_modules(lambda u: {"a": jnp.zeros_like(u["a"]), "b": u["b"]}, updates)
     new_params = lora_lib.mask(optax.apply_updates(params, updates), rank)
     n = jnp.sum(mask)
@@ -168,10 +105,9 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
     return (keep(new_params, params), keep(new_opt_state, opt_state)), (data_loss * n, n)
 
   lora = lora_lib.mask(lora, rank)
-  score_before = tail_score(lora, rank, gamma)
   (trained, _), (loss_sums, counts) = jax.lax.scan(
       step, (lora, spec.optimizer.init(lora)), (data["batch"], data["mask"]))
-  new_rank = pruned_rank(rank, score_before, tail_score(trained, rank, gamma), spec.pruning)
+  new_rank = rank if local.next_rank is None else local.next_rank(rank, lora, trained)
   trained = lora_lib.mask(trained, new_rank)
   examples = jnp.sum(counts)
   new_scale = lora_lib.scale(new_rank, spec.alpha, spec.scale_rule, r_max)

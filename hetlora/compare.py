@@ -4,16 +4,24 @@
 config (same seed, clients, ranks and budget, by construction of the
 configs), then writes ``results.md`` (a Markdown table), ``results.json``
 and ``accuracy.png`` (test accuracy vs round, one line per run) to
-``out_dir``. Runs already finished in ``out_dir/<name>`` are resumed, not
-redone.
+``out_dir`` (process 0 only, on several hosts). Runs already finished in
+``out_dir/<name>`` are resumed, not redone.
+
+``method_configs('configs/banking77.py:cpu', methods, alphas, overrides)``
+builds those configs from one config file: ``get_config`` with
+``method=<m>,alpha=<a>`` added to the file's argument, then the
+``--config.<field>=`` overrides on top.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -51,16 +59,56 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   return head + body
 
 
+def load_config_module(path: str | Path):
+  """The config file at ``path`` as a module (its directory importable, for ``import common``)."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass --config <file>.py[:arg].")
+  directory = str(path.resolve().parent)
+  if directory not in sys.path:
+    sys.path.insert(0, directory)
+  spec = importlib.util.spec_from_file_location(f"compare_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | float],
+                   overrides: Mapping[str, Any] | None = None) -> dict[str, ml_collections.ConfigDict]:
+  """One locked config per ``(alpha, method)``, named ``<method>_alpha<alpha>``.
+
+  Args:
+    config: ``path/to/config.py`` or ``path/to/config.py:arg``; ``get_config``
+      is called with ``arg,method=<m>,alpha=<a>`` (so the method and alpha
+      win over the same keys in ``arg``).
+    methods, alphas: the config's ``method=`` and ``alpha=`` values.
+    overrides: flat ``{'server.rounds': 3}`` applied to every config, e.g.
+      ``config_flags.get_override_values(FLAGS['config'])``.
+  """
+  path, _, arg = config.partition(":")
+  module = load_config_module(path)
+  out = {}
+  for alpha in alphas:
+    for method in methods:
+      c = module.get_config(",".join(filter(None, [arg, f"method={method}", f"alpha={alpha}"])))
+      if overrides:
+        c.update_from_flattened_dict(dict(overrides))
+      c.lock()
+      out[f"{method}_alpha{alpha}"] = c
+  return out
+
+
 def compare(configs: Mapping[str, ml_collections.ConfigDict], out_dir: str | Path,
             progress: bool = True) -> list[dict[str, Any]]:
-  """Runs every config in ``out_dir/<name>``; writes and returns the table rows."""
+  """Runs every config in ``out_dir/<name>``; writes (process 0) and returns the table rows."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   summaries = {name: trainer.run(cfg, out_dir / name, progress=progress) for name, cfg in configs.items()}
   rows = [row(name, s) for name, s in summaries.items()]
-  (out_dir / "results.json").write_text(json.dumps({"rows": rows, "summaries": summaries}, indent=2))
-  (out_dir / "results.md").write_text(markdown(rows))
-  _plot(summaries, out_dir / "accuracy.png")
+  if jax.process_index() == 0:
+    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "summaries": summaries}, indent=2))
+    (out_dir / "results.md").write_text(markdown(rows))
+    _plot(summaries, out_dir / "accuracy.png")
   return rows
 
 

@@ -6,43 +6,44 @@ clients' ranks, the method, the initial server state and the jitted round.
 Everything is a pure function of the config: the same config and seed give
 the same experiment. Config errors name the field and the fix.
 
-Config sections: ``model`` (``name``, ``pooling``, ``max_len``, ``dtype``),
+The model comes from the provider ``hetlora.models.<config.model.kind>``
+(:mod:`hetlora.models.provider`): the BERT-family classifier
+(``bert_classifier``) or the Llama-family causal LM (``llama_lm``); the
+experiment names no model family and no method.
+
+Config sections: ``model`` (``kind``, ``name``, ``pooling``, ``max_len``, ``dtype``),
 ``data`` (``source``, ``source_kwargs``, ``partition``, ``num_clients``,
 ``test_kwargs``, ``dirichlet_alpha``, ``min_client_size``, ``max_train_examples``,
 ``max_test_examples``, ``public_examples``), ``lora`` (``pattern``, ``r_min``,
 ``r_max``, ``rank_choices``, ``rank_distribution``, ``alpha``,
 ``scale_rule``), ``method`` (``name``, ``kwargs``), ``client``
 (``optimizer``, ``learning_rate``, ``weight_decay``, ``batch_size``,
-``local_epochs`` or ``local_steps``, ``backend``, ``chunk_size``, ``pruning``), ``server``
+``local_epochs`` or ``local_steps``, ``backend``, ``chunk_size``), ``server``
 (``rounds``, ``clients_per_round``), ``eval`` (``every``, ``batch_size``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from hetlora import client as client_lib
 from hetlora import data as data_lib
-from hetlora import flexlora
 from hetlora import lora as lora_lib
 from hetlora import methods as methods_lib
 from hetlora import parallel
 from hetlora import ranks as ranks_lib
 from hetlora import server
-from hetlora.models import bert, bert_loading, tasks, tokenizer
+from hetlora.models import provider as provider_lib
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 BACKENDS = ("vmap", "sequential", "chunked", "sharded")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,24 +53,28 @@ class Experiment:
   Attributes:
     config: the validated config.
     base_params: frozen base weights (device arrays), shared by all clients.
-    logits_fn: ``(base, lora_eff, batch) -> float32[B, C]``.
+    logits_fn: ``(base, lora_eff, batch) -> float32[B, C]`` class logits, or ``None``.
+    eval_sums: ``(base, lora_eff, batch) -> {metric: (sum, weight)}`` (the model provider's).
     spec: the clients' :class:`hetlora.client.LocalSpec`.
     method: the :class:`hetlora.methods.Method`.
     round_fn: jitted ``(state, base, cohort, data, n, key, public) -> (state, result)``.
+    global_lora: the initial rank-``r_max`` adapter (shapes of every module).
     init_state: the server state at round 0.
-    train: tokenized training columns ``{name: [N, L]}``, ``label: int32[N]``.
+    train: tokenized training columns ``{name: [N, L]}`` (``label: int32[N]`` for classifiers).
     test: tokenized test columns.
     partition: per-client index arrays into ``train``.
     public: ``{'batch': [steps, B, ...], 'mask': [steps, B]}`` or ``None`` (HeLoRA-KD).
     steps: local steps per round (fixed for the run, so shapes never change).
-    label_names: class names.
+    label_names: class names (empty for language models).
   """
   config: ml_collections.ConfigDict
   base_params: Any
-  logits_fn: Callable[..., jax.Array]
+  logits_fn: Callable[..., jax.Array] | None
+  eval_sums: Callable[..., dict[str, Any]]
   spec: client_lib.LocalSpec
   method: methods_lib.Method
   round_fn: Callable[..., Any]
+  global_lora: Any
   init_state: server.ServerState
   train: dict[str, np.ndarray]
   test: dict[str, np.ndarray]
@@ -104,8 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"client.backend={c.client.backend!r} must be one of {BACKENDS}.")
   if c.client.backend == "chunked" and c.client.get("chunk_size", 0) < 1:
     raise ValueError("client.backend='chunked' needs client.chunk_size >= 1 (clients per chunk).")
-  if c.model.dtype not in DTYPES:
-    raise ValueError(f"model.dtype={c.model.dtype!r} must be one of {sorted(DTYPES)}.")
+  if c.model.dtype not in provider_lib.DTYPES:
+    raise ValueError(f"model.dtype={c.model.dtype!r} must be one of {sorted(provider_lib.DTYPES)}.")
   if c.lora.scale_rule not in lora_lib.SCALE_RULES:
     raise ValueError(f"lora.scale_rule={c.lora.scale_rule!r} must be one of {lora_lib.SCALE_RULES}.")
 
@@ -126,8 +131,13 @@ def _subsample(ds, limit: int, seed: int):
   return ds.select(idx)
 
 
-def load_data(config: ml_collections.ConfigDict, encode_fn: Callable, max_len: int):
-  """Tokenized train/test columns, the public slice (or ``None``) and label names."""
+def load_sources(config: ml_collections.ConfigDict):
+  """Untokenized ``(train, test, public or None)`` data sets of ``config.data``.
+
+  ``max_train_examples`` / ``max_test_examples`` take seeded subsamples; the
+  public set (``public_examples``, HeLoRA-KD) is held out of the training set,
+  so it is disjoint from every client.
+  """
   d = config.data
   kwargs = dict(d.source_kwargs)
   test_kwargs = {**kwargs, **dict(d.test_kwargs)}
@@ -142,19 +152,23 @@ def load_data(config: ml_collections.ConfigDict, encode_fn: Callable, max_len: i
     test_ds = data_lib.get_source(d.source, **test_kwargs)
   train_ds = _subsample(train_ds, d.max_train_examples, config.seed)
   test_ds = _subsample(test_ds, d.max_test_examples, config.seed + 1)
-  public = None
-  if d.public_examples:  # held out of the training set, so disjoint from every client
+  public_ds = None
+  if d.public_examples:
     order = np.random.default_rng([config.seed, 7]).permutation(len(train_ds))
-    public = data_lib.tokenize_dataset(train_ds.select(np.sort(order[:d.public_examples])),
-                                       encode_fn, max_len)
+    public_ds = train_ds.select(np.sort(order[:d.public_examples]))
     train_ds = train_ds.select(np.sort(order[d.public_examples:]))
-  train = data_lib.tokenize_dataset(train_ds, encode_fn, max_len)
-  test = data_lib.tokenize_dataset(test_ds, encode_fn, max_len)
-  return train, test, public, list(train_ds.label_names)
+  return train_ds, test_ds, public_ds
 
 
 def _partition(config, labels: np.ndarray) -> list[np.ndarray]:
+  """Client index arrays; ``labels`` are class labels (or task ids, the natural key of prompts)."""
   d = config.data
+  if d.partition == "natural":
+    partition = data_lib.make_partition("natural", keys=labels)
+    if len(partition) != d.num_clients:
+      raise ValueError(f"data.partition='natural' gives one client per key ({len(partition)} here), but "
+                       f"data.num_clients={d.num_clients}; set data.num_clients={len(partition)}.")
+    return partition
   options = {}
   if d.partition == "dirichlet":
     options = dict(alpha=d.dirichlet_alpha, min_size=d.min_client_size)
@@ -170,20 +184,6 @@ def _public_batches(public: dict[str, np.ndarray] | None, batch_size: int):
   stacked = list(data_lib.batches(public, batch_size))
   batch = {k: np.stack([b[k] for b in stacked]) for k in stacked[0] if k != "mask"}
   return {"batch": batch, "mask": np.stack([b["mask"] for b in stacked])}
-
-
-def _method_options(config, client_ranks: np.ndarray, logits_fn, public) -> dict[str, Any]:
-  """``config.method.kwargs`` plus the options a method takes from the run itself."""
-  options = dict(config.method.kwargs)
-  if config.method.name == "helora_kd":
-    if public is None:
-      raise ValueError("method helora_kd distils on public data: set data.public_examples > 0.")
-    options.setdefault("group_ranks", tuple(sorted(set(map(int, client_ranks)))))
-    options.update(logits_fn=logits_fn, alpha=config.lora.alpha, scale_rule=config.lora.scale_rule)
-  elif config.method.name == "flexlora":  # the SVD then works on the cohort's actual ranks
-    options.setdefault("core_rank", flexlora.core_rank_bound(
-        client_ranks, config.server.clients_per_round, config.lora.r_max))
-  return options
 
 
 def make_backend(c: ml_collections.ConfigDict, spec: client_lib.LocalSpec):
@@ -203,40 +203,40 @@ def make_backend(c: ml_collections.ConfigDict, spec: client_lib.LocalSpec):
 def build(config: ml_collections.ConfigDict) -> Experiment:
   """Builds the experiment described by ``config`` (see the module docstring)."""
   validate(config)
-  dtype = DTYPES[config.model.dtype]
-  bert_config, encoder = bert_loading.load_bert(config.model.name)
-  tok = tokenizer.load_tokenizer(config.model.name, max_len=config.model.max_len)
-  encode_fn = functools.partial(tokenizer.encode, tok, max_len=config.model.max_len)
-  train, test, public, label_names = load_data(config, encode_fn, config.model.max_len)
-  num_labels = len(label_names)
-  model = bert.BertClassifier(bert_config, num_labels, pooling=config.model.pooling, dtype=dtype)
+  provider = provider_lib.get(config.model.kind)
+  train_ds, test_ds, public_ds = load_sources(config)
+  classes = provider.TASK == "classification"
+  label_names = list(train_ds.label_names) if classes else []
   key = jax.random.key(config.seed)
   head_key, lora_key = jax.random.split(key)
-  base = {**encoder, **bert.init_head(head_key, bert_config, num_labels)}
-  logits_fn = tasks.classification_predict(model)
+  loaded = provider.load(config.model, num_labels=len(label_names) if classes else None, key=head_key)
+  train, test = loaded.prepare(train_ds), loaded.prepare(test_ds)
+  public = loaded.prepare(public_ds) if public_ds is not None else None
 
-  partition = _partition(config, train["label"])
+  partition = _partition(config, train["label"] if classes else train["task_id"])
   client_ranks = ranks_lib.assign(config.data.num_clients, config.seed, config.lora.r_min,
                                   config.lora.r_max, tuple(config.lora.rank_choices),
                                   config.lora.rank_distribution)
-  global_lora = lora_lib.init(lora_key, base, config.lora.pattern, config.lora.r_max)
-  method = methods_lib.get_method(config.method.name,
-                                  **_method_options(config, client_ranks, logits_fn, public))
-  p = config.client.pruning
+  pattern = config.lora.pattern or provider.DEFAULT_PATTERN
+  global_lora = lora_lib.init(lora_key, loaded.base_params, pattern, config.lora.r_max)
+  run = methods_lib.Run(
+      client_ranks=client_ranks, clients_per_round=config.server.clients_per_round,
+      r_min=config.lora.r_min, r_max=config.lora.r_max, alpha=config.lora.alpha,
+      scale_rule=config.lora.scale_rule, logits_fn=loaded.logits_fn, has_public=public is not None)
+  method = methods_lib.build(config.method.name, run, config.method.kwargs.to_dict())
   spec = client_lib.LocalSpec(
-      loss_fn=tasks.classification_loss(model), optimizer=make_optimizer(config.client),
-      alpha=config.lora.alpha, scale_rule=config.lora.scale_rule,
-      pruning=client_lib.Pruning(lam=p.lam, gamma=p.gamma, r_min=config.lora.r_min, enabled=p.enabled),
-      trainable=method.trainable)
+      loss_fn=loaded.loss_fn, optimizer=make_optimizer(config.client),
+      alpha=config.lora.alpha, scale_rule=config.lora.scale_rule, local=method.local)
   if config.client.local_steps:
     steps = int(config.client.local_steps)
   else:
     steps = data_lib.epoch_steps([len(ix) for ix in partition], config.client.batch_size,
                                  config.client.local_epochs)
   return Experiment(
-      config=config, base_params=base, logits_fn=logits_fn, spec=spec, method=method,
-      round_fn=server.make_round(spec, None, backend=make_backend(config.client, spec), method=method),
-      init_state=server.init(global_lora, client_ranks, method=method),
+      config=config, base_params=loaded.base_params, logits_fn=loaded.logits_fn,
+      eval_sums=loaded.eval_sums, spec=spec, method=method,
+      round_fn=server.make_round(spec, method, backend=make_backend(config.client, spec)),
+      global_lora=global_lora, init_state=server.init(global_lora, client_ranks, method),
       train=train, test=test, partition=partition,
       public=_public_batches(public, config.client.batch_size), steps=steps, label_names=label_names)
 

@@ -86,13 +86,14 @@ def init(
     ((4, 2), (2, 3))
   """
   if r_max < 1:
-    raise ValueError(f"r_max must be >= 1, got {r_max}; set lora.r_max to a positive int.")
+    raise ValueError(f"r_max must be >= 1, got {r_max}; set config.lora.r_max to a positive int.")
   regex = re.compile(pattern)
   flat = traverse_util.flatten_dict(base_params, sep="/")
   paths = sorted(p for p in flat if p.endswith("/kernel") and regex.search(p))
   if not paths:
     raise ValueError(
-        f"lora.pattern {pattern!r} matches no kernel; kernels are: "
+        f"lora.pattern {pattern!r} matches no kernel; set config.lora.pattern to a regex that matches "
+        "some of the kernels: "
         f"{sorted(p for p in flat if p.endswith('kernel'))[:20]}")
   keys = jax.random.split(key, len(paths))
   out = {}
@@ -137,7 +138,7 @@ def scale(rank: jax.Array, alpha: float, rule: str, r_max: int) -> jax.Array:
   elif rule == "rslora":
     s = alpha / jnp.sqrt(safe)
   else:
-    raise ValueError(f"lora.scale_rule must be one of {SCALE_RULES}, got {rule!r}.")
+    raise ValueError(f"lora.scale_rule must be one of {SCALE_RULES}, got {rule!r}; set config.lora.scale_rule.")
   return jnp.where(rank > 0, s, 0.0)
 
 
@@ -168,7 +169,7 @@ def truncate(global_lora: LoRA, ranks: jax.Array) -> LoRA:
 
 
 def delta(lora: LoRA, rank: jax.Array, s: jax.Array) -> LoRA:
-  """Dense updates ``dW = s * a diag(m) b: [d_in, d_out]`` per module (export only)."""
+  """Dense updates ``dW = s * a diag(m) b: [d_in, d_out]`` per module."""
   v = rank_mask(rank, r_max_of(lora)) * s
   return map_modules(lambda mod: (mod["a"] * v) @ mod["b"], lora)
 
@@ -234,7 +235,7 @@ def from_peft(state: Mapping[str, np.ndarray], like: LoRA,
       raise KeyError(f"PEFT state has no tensor {e.args[0]!r} for module {path!r}.") from None
     r = a_t.shape[0]
     if r > r_max:
-      raise ValueError(f"{name}: rank {r} exceeds r_max={r_max}; raise lora.r_max.")
+      raise ValueError(f"{name}: rank {r} exceeds r_max={r_max}; set config.lora.r_max >= {r}.")
     if rank is not None and r != rank:
       raise ValueError(f"{name}: rank {r} differs from other modules' rank {rank}.")
     rank = r

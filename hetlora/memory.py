@@ -119,8 +119,8 @@ def plan_chunk_size(spec: client_lib.LocalSpec, base_params: Any, example_client
   cap = num_clients if num_clients is not None else 1 << 30
   if round_bytes(1, m1.total) > budget:
     raise ValueError(f"one client needs {m1.total / 2**20:.1f} MiB (+ resident cohort data) but the "
-                     f"budget is {budget / 2**20:.1f} MiB; use smaller batches, fewer local steps "
-                     "or more devices.")
+                     f"budget is {budget / 2**20:.1f} MiB; set a smaller config.client.batch_size or "
+                     "config.model.max_len, or use more devices (config.client.backend='sharded').")
   # Largest c with fixed + c * per_client + (K - c) * io <= budget.
   slope = per_client - (io if num_clients is not None else 0)
   c = cap if slope <= 0 else int((budget - fixed - (0 if num_clients is None else num_clients * io))

@@ -34,7 +34,7 @@ each process's addressable shards. No other code changes.
 Example:
   >>> mesh = client_mesh()                                   # all devices
   >>> train = sharded_backend(spec, mesh)                    # doctest: +SKIP
-  >>> round_fn = server.make_round(spec, aggregation.get('hetlora'), train)  # doctest: +SKIP
+  >>> round_fn = server.make_round(spec, method, train)          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def _cohort_fn(spec: client_lib.LocalSpec, chunk_size: int | None) -> Train:
   if chunk_size is None:
     return client_lib.vmap_backend(spec)
   if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}; set parallel.chunk_size.")
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}; set config.client.chunk_size "
+                     "(clients per chunk) to a positive int.")
 
   def train(base_params, lora, ranks, data):
     if chunk_size >= ranks.shape[0]:

@@ -26,11 +26,12 @@ DISTRIBUTIONS = ("uniform", "heavy_tail", "normal", "constant")
 def allowed(r_min: int, r_max: int, choices: Sequence[int] = ()) -> np.ndarray:
   """The sorted allowed ranks, validated against ``[r_min, r_max]``."""
   if r_min < 1 or r_min > r_max:
-    raise ValueError(f"lora.r_min={r_min} must satisfy 1 <= r_min <= lora.r_max={r_max}.")
+    raise ValueError(f"lora.r_min={r_min} must satisfy 1 <= r_min <= lora.r_max={r_max}; set config.lora.r_min and config.lora.r_max.")
   values = np.arange(r_min, r_max + 1) if len(choices) == 0 else np.unique(np.asarray(choices))
   bad = values[(values < r_min) | (values > r_max)]
   if bad.size:
-    raise ValueError(f"lora.rank_choices {list(map(int, bad))} fall outside [r_min={r_min}, r_max={r_max}].")
+    raise ValueError(f"lora.rank_choices {list(map(int, bad))} fall outside [r_min={r_min}, r_max={r_max}]; "
+                     "set config.lora.rank_choices inside it or widen config.lora.r_min / config.lora.r_max.")
   return values.astype(np.int32)
 
 
@@ -48,7 +49,7 @@ def probabilities(values: np.ndarray, distribution: str) -> np.ndarray:
     p = np.zeros(n)
     p[-1] = 1.0
   else:
-    raise ValueError(f"lora.rank_distribution {distribution!r} is unknown; choose one of {DISTRIBUTIONS}.")
+    raise ValueError(f"lora.rank_distribution {distribution!r} is unknown; set config.lora.rank_distribution to one of {DISTRIBUTIONS}.")
   return p / p.sum()
 
 

@@ -40,50 +40,49 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def make_evaluator(exp: experiment_lib.Experiment) -> Callable[[server.ServerState], dict[str, float]]:
-  """``evaluate(state) -> {'test_accuracy', 'test_loss'}`` of the server's adapter.
+  """``evaluate(state) -> {'test_<metric>': value}`` of the server's adapter on the test set.
 
-  The adapter is evaluated at ``r_max`` with the method's ``fold_global``;
-  for rank-group methods (HeLoRA-KD) every group model is evaluated and the
-  mean is reported beside ``test_accuracy_by_group``.
+  The metrics are the model provider's ``eval_sums`` (accuracy and loss for
+  a classifier; token loss and accuracy for a language model, plus
+  ``test_perplexity``), each ``sum / weight`` over the test set. The method's
+  ``global_adapters`` gives the ``G`` models to evaluate (one for most
+  methods, one per rank group for HeLoRA-KD) on its ``effective_base``; with
+  ``G > 1`` the mean is reported beside ``test_<metric>_by_group``.
   """
   alpha, rule = exp.config.lora.alpha, exp.config.lora.scale_rule
-
-  def one(base, lora_eff, batch):
-    logits = exp.logits_fn(base, lora_eff, batch)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=1)[:, 0]
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return jnp.sum(correct * batch["mask"]), jnp.sum(nll * batch["mask"])
-
-  fold = jax.jit(lambda lora: exp.method.fold_global(lora, alpha, rule))
-
-  @jax.jit
-  def step(base, lora_eff, batch):
-    if next(iter(lora_lib.modules(lora_eff).values()))["a"].ndim == 3:  # rank groups
-      return jax.vmap(one, in_axes=(None, 0, None))(base, lora_eff, batch)
-    return one(base, lora_eff, batch)
-
+  method = exp.method
+  models = jax.jit(lambda s: (method.effective_base(s, exp.base_params),
+                              method.global_adapters(s, alpha, rule)))
+  step = jax.jit(jax.vmap(exp.eval_sums, in_axes=(None, 0, None)))
   batches = list(data_lib.batches(exp.test, exp.config.eval.batch_size))
-  total = float(sum(b["mask"].sum() for b in batches))
 
   def evaluate(state):
-    correct = nll = 0.0
-    base = server.effective_base(state, exp.base_params)   # once per evaluation, not per batch
-    lora_eff = fold(state.lora)
+    base, adapters = models(state.method_state)   # once per evaluation, not per batch
+    totals: dict[str, list[np.ndarray]] = {}
     for b in batches:
-      c, l = step(base, lora_eff, b)
-      correct, nll = correct + np.asarray(c), nll + np.asarray(l)
-    acc, loss = np.atleast_1d(correct / total), np.atleast_1d(nll / total)
-    out = {"test_accuracy": float(acc.mean()), "test_loss": float(loss.mean())}
-    if acc.size > 1:
-      out["test_accuracy_by_group"] = acc.tolist()
+      for name, (value, weight) in step(base, adapters, b).items():
+        acc = totals.setdefault(name, [0.0, 0.0])
+        acc[0], acc[1] = acc[0] + np.asarray(value), acc[1] + np.asarray(weight)
+    out = {}
+    for name, (value, weight) in totals.items():
+      per_model = value / np.maximum(weight, 1e-12)
+      out[f"test_{name}"] = float(per_model.mean())
+      if per_model.size > 1:
+        out[f"test_{name}_by_group"] = per_model.tolist()
+    if "test_accuracy" not in out and "test_loss" in out:
+      out["test_perplexity"] = float(np.exp(out["test_loss"]))
     return out
 
   return evaluate
 
 
 def _comm_params(exp, ranks: np.ndarray) -> int:
-  """Parameters uploaded by the cohort: ``sum_k r_k * sum_modules (d_in + d_out)``."""
-  return int(np.sum(ranks)) * int(lora_lib.num_params(exp.init_state.lora, 1))
+  """Parameters uploaded by the cohort: ``sum_k r_k * sum_modules (d_in + d_out)`` (``d_out`` alone
+  when the method trains only ``b``)."""
+  mods = lora_lib.modules(exp.global_lora).values()
+  width = sum(m["b"].shape[-1] + (m["a"].shape[-2] if "a" in exp.method.local.trainable else 0)
+              for m in mods)
+  return int(np.sum(ranks)) * int(width)
 
 
 def _round_record(exp, r, cohort, result, n, seconds) -> dict[str, Any]:
@@ -165,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
       manager.save(r + 1, args=ocp.args.StandardSave(state))
       manager.wait_until_finished()
     bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                    acc=f"{history_last(history, 'test_accuracy'):.3f}",
+                    test=f"{history_last(history, headline_metric(history)):.3f}",
                     clients_s=f"{record['time']['clients_per_s']:.2f}")
     if on_round_end is not None:
       on_round_end(r + 1, record)
@@ -175,6 +174,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
   plot(history, np.asarray(exp.init_state.client_ranks), np.asarray(state.client_ranks),
        workdir / "plots.png", title=f"{config.method.name} on {config.data.source}")
   return summary
+
+
+def headline_metric(history: list[dict[str, Any]]) -> str:
+  """``'test_accuracy'`` for classifiers, else ``'test_loss'`` (language models)."""
+  return "test_accuracy" if any("test_accuracy" in row for row in history) else "test_loss"
 
 
 def history_last(history: list[dict[str, Any]], key: str) -> float:
@@ -190,14 +194,15 @@ def _summary(config, exp, state, history) -> dict[str, Any]:
       "source": config.data.source,
       "rounds": len(history),
       "final_test_accuracy": history_last(history, "test_accuracy"),
+      "final_test_loss": history_last(history, "test_loss"),
       "best_test_accuracy": max((a for _, a in accs), default=float("nan")),
       "accuracy_by_round": accs,
       "final_train_loss": history_last(history, "train_loss"),
       "total_comm_params": int(sum(row["comm_params"] for row in history)),
       "train_seconds": float(sum(row["time"]["round_s"] for row in history)),
       "final_client_ranks": np.asarray(state.client_ranks).tolist(),
-      "num_train_examples": int(len(exp.train["label"])),
-      "num_test_examples": int(len(exp.test["label"])),
+      "num_train_examples": int(len(exp.train["input_ids"])),
+      "num_test_examples": int(len(exp.test["input_ids"])),
   }
 
 
@@ -213,10 +218,11 @@ def plot(history, ranks_start: np.ndarray, ranks_end: np.ndarray, path: Path, ti
   import matplotlib.pyplot as plt
 
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  accs = [(row["round"], row["test_accuracy"]) for row in history if "test_accuracy" in row]
-  if accs:
-    ax1.plot(*zip(*accs), marker="o")
-  ax1.set(xlabel="round", ylabel="test accuracy", title=title)
+  metric = headline_metric(history)
+  values = [(row["round"], row[metric]) for row in history if metric in row]
+  if values:
+    ax1.plot(*zip(*values), marker="o")
+  ax1.set(xlabel="round", ylabel=metric.replace("_", " "), title=title)
   ax1.grid(alpha=0.3)
   bins = np.arange(1, max(ranks_start.max(), ranks_end.max()) + 2) - 0.5
   ax2.hist([ranks_start, ranks_end], bins=bins, label=["start", "end"])

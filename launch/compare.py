@@ -1,50 +1,59 @@
 """Runs several methods of one config file side by side and writes a results table.
 
-  python launch/compare.py --config configs/banking77.py --variant cpu --out results/b77
+  python launch/compare.py --config configs/banking77.py:cpu --out results/b77
+  python launch/compare.py --config configs/banking77.py:cpu --config.server.rounds=3 \
+      --methods hetlora,flexlora --alphas 0.1 --out /tmp/b77
 
 runs every method (HetLoRA, zero-padding, HomLoRA at the smallest and the
 largest rank, HeLoRA-Pad, FlexLoRA, FLoRA, FFA-LoRA, HeLoRA-KD) at Dirichlet
 0.5 and 0.1; ``--methods`` and ``--alphas`` pick a subset.
+
+Flags: ``--config`` (a config file, optionally ``:arg`` such as ``:cpu`` or
+``:runlocal``), any ``--config.<field>=<value>`` override, ``--methods``,
+``--alphas``, ``--out``, ``--dry_run``. For each alpha and method the config
+file's ``get_config`` runs again with ``method=<m>,alpha=<a>`` added to
+``arg``, then the ``--config.<field>`` overrides are applied on top.
 
 Every run shares the config's seed, clients, ranks and budget; only
 ``method`` (and ``alpha``) change. Writes ``results.md``, ``results.json``
 and ``accuracy.png`` under ``--out``; finished runs are resumed, not redone.
 """
 
-import importlib.util
+import json
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
 
-from hetlora import compare
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", "configs/banking77.py", "Config file with get_config(arg).")
-_VARIANT = flags.DEFINE_string("variant", "", "Extra config arguments, e.g. 'cpu' or 'runlocal'.")
+from hetlora import compare, parallel  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(REPO / "configs" / "banking77.py"),
+    "Config file with get_config(arg), optionally 'file.py:arg'; --config.<field>=<value> overrides a field "
+    "of every run.", lock_config=True)
 _METHODS = flags.DEFINE_list(
     "methods", ["hetlora", "zero_pad", "homlora_min", "homlora_max", "helora_pad", "flexlora", "flora",
                 "ffa_lora", "helora_kd"], "Methods (the config's method= names).")
-_ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.1"], "Dirichlet alphas.")
+_ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.1"], "Dirichlet alphas (the config's alpha=).")
 _OUT = flags.DEFINE_string("out", "results/compare", "Output directory.")
-
-
-def _load(path: str):
-  sys.path.insert(0, str(Path(path).resolve().parent))
-  spec = importlib.util.spec_from_file_location("experiment_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs' configs as JSON and train nothing.")
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.<field>=<value>.")
   logging.set_verbosity(logging.WARNING)
-  module = _load(_CONFIG.value)
-  configs = {}
-  for alpha in _ALPHAS.value:
-    for method in _METHODS.value:
-      arg = ",".join(filter(None, [f"method={method}", f"alpha={alpha}", _VARIANT.value]))
-      configs[f"{method}_alpha{alpha}"] = module.get_config(arg)
+  flag = flags.FLAGS[_CONFIG.name]
+  configs = compare.method_configs(config_flags.get_config_filename(flag), _METHODS.value, _ALPHAS.value,
+                                   config_flags.get_override_values(flag))
+  if _DRY_RUN.value:
+    print(json.dumps({name: c.to_dict() for name, c in configs.items()}, indent=2, default=str))
+    return
+  parallel.maybe_initialize_distributed()
   rows = compare.compare(configs, _OUT.value)
   print(compare.markdown(rows))
 

@@ -10,6 +10,7 @@ Flags: ``--config`` (a config file, optionally ``:arg``), ``--workdir``
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,9 +31,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   parallel.maybe_initialize_distributed()
   summary = trainer.run(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps({k: summary[k] for k in ("method", "rounds", "final_test_accuracy",
-                                            "best_test_accuracy", "train_seconds")}, indent=2))
-  print(f"final test accuracy: {summary['final_test_accuracy']:.4f}")
+  print(json.dumps({k: summary[k] for k in ("method", "rounds", "final_test_accuracy", "best_test_accuracy",
+                                            "final_test_loss", "train_seconds")}, indent=2))
+  if math.isnan(summary["final_test_accuracy"]):
+    print(f"final test loss: {summary['final_test_loss']:.4f}")
+  else:
+    print(f"final test accuracy: {summary['final_test_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

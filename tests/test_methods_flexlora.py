@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from hetlora import aggregation
-from hetlora import flexlora
-from hetlora import flora
+from hetlora.methods import flexlora
+from hetlora.methods import flora
 from hetlora import lora as lora_lib
+from hetlora import methods
 import methods_reference as ref
 
 R_MAX, D_IN, D_OUT = 4, 9, 7
@@ -39,7 +40,7 @@ def test_top_factors_match_dense_svd_up_to_sign(shape, r):
 def _aggregate(ranks, n, scales, seed=0):
   rng = np.random.default_rng(seed)
   a_l, b_l = ref.random_clients(rng, len(ranks), D_IN, D_OUT, R_MAX, ranks)
-  out = flexlora.flexlora(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32),
+  out = flexlora.aggregate(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32),
                           jnp.array(n, jnp.float32), jnp.array(scales, jnp.float32))
   return out, ref.weighted_update(a_l, b_l, ranks, n, scales), (a_l, b_l)
 
@@ -82,7 +83,7 @@ def test_one_client_is_reproduced_exactly(rank, s):
 def test_narrow_kernels_are_zero_padded_to_r_max():
   rng = np.random.default_rng(3)
   a_l, b_l = ref.random_clients(rng, 2, 3, 2, 6, [6, 5])
-  out = flexlora.flexlora(ref.to_tree(a_l, b_l), jnp.array([6, 5]), jnp.ones(2), jnp.ones(2))["q"]
+  out = flexlora.aggregate(ref.to_tree(a_l, b_l), jnp.array([6, 5]), jnp.ones(2), jnp.ones(2))["q"]
   assert out["a"].shape == (3, 6) and out["b"].shape == (6, 2)
   assert not np.any(np.asarray(out["b"][2:]))
   assert ref.rel_err(_product(out), ref.weighted_update(a_l, b_l, [6, 5], [1, 1], [1, 1])) <= 1e-5
@@ -95,7 +96,7 @@ def test_core_rank_changes_speed_not_result(core_rank):
   ranks, n, scales = [2, 4, 3, 3], [5., 1., 0., 3.], [2., 0.5, 1., 1.]
   rng = np.random.default_rng(7)
   a_l, b_l = ref.random_clients(rng, len(ranks), D_IN, D_OUT, R_MAX, ranks)
-  out = flexlora.flexlora(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32), jnp.array(n),
+  out = flexlora.aggregate(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32), jnp.array(n),
                           jnp.array(scales), core_rank=core_rank)["q"]
   dw = ref.weighted_update(a_l, b_l, ranks, n, scales)
   assert out["a"].shape == (D_IN, R_MAX) and out["b"].shape == (R_MAX, D_OUT)
@@ -104,7 +105,7 @@ def test_core_rank_changes_speed_not_result(core_rank):
 
 def test_core_rank_must_be_positive():
   with pytest.raises(ValueError, match="core_rank"):
-    flexlora.flexlora(ref.to_tree(*ref.random_clients(np.random.default_rng(0), 2, 3, 2, 2, [1, 2])),
+    flexlora.aggregate(ref.to_tree(*ref.random_clients(np.random.default_rng(0), 2, 3, 2, 2, [1, 2])),
                       jnp.array([1, 2]), jnp.ones(2), jnp.ones(2), core_rank=0)
 
 
@@ -130,5 +131,8 @@ def test_core_rank_bound_is_the_largest_cohort_sum():
   assert flexlora.core_rank_bound([3, 3], cohort_size=5, r_max=8) == 6
 
 
-def test_registered():
-  assert aggregation.get("flexlora") is flexlora.flexlora
+def test_method_takes_its_core_rank_from_the_run():
+  run = methods.Run(client_ranks=np.array([1, 8, 4, 32]), clients_per_round=2, r_min=1, r_max=32,
+                    alpha=64.0, scale_rule="alpha/r_max")
+  assert methods.build("flexlora", run).aggregate.keywords["core_rank"] == 40
+  assert methods.build("flexlora", run, {"core_rank": 12}).aggregate.keywords["core_rank"] == 12

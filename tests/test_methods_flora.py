@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from hetlora import client as client_lib
-from hetlora import flora
+from hetlora.methods import flora
 from hetlora import lora as lora_lib
 from hetlora import methods
 from hetlora import server
@@ -52,30 +52,30 @@ def test_round_merges_the_stacked_update_into_base_delta():
   model = tiny.Linear(D_OUT)
   base = tiny.init_params(model, jax.random.key(1), D_IN)
   spec = client_lib.LocalSpec(tiny.squared_loss(model), optax.sgd(0.1), alpha=2.0, scale_rule="alpha/r")
-  method = methods.get_method("flora")
+  method = methods.get("flora")
   ranks = np.array([1, 3], np.int32)
-  state = server.init(lora_lib.init(jax.random.key(2), base, "linear/kernel$", R_MAX), ranks, method=method)
+  state = server.init(lora_lib.init(jax.random.key(2), base, "linear/kernel$", R_MAX), ranks, method)
   rng = np.random.default_rng(0)
   data = {"batch": {"x": jnp.float32(rng.normal(size=(2, 2, 5, D_IN))),
                     "y": jnp.float32(rng.normal(size=(2, 2, 5, D_OUT)))},
           "mask": jnp.ones((2, 2, 5))}
-  round_fn = server.make_round(spec, None, method=method)
+  round_fn = server.make_round(spec, method)
   cohort, n = jnp.arange(2), jnp.array([3.0, 1.0])
 
   new_state, result = round_fn(state, base, cohort, data, n, key=jax.random.key(3))
   trained = result.lora["linear"]
   want = ref.weighted_update(np.asarray(trained["a"], np.float64), np.asarray(trained["b"], np.float64),
                              ranks, [3, 1], [2.0, 2.0 / 3])
-  assert ref.rel_err(new_state.base_delta["linear"], want) <= 1e-5
-  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(new_state.lora))
-  merged = server.effective_base(new_state, base)["linear"]["kernel"]
-  np.testing.assert_allclose(merged, base["linear"]["kernel"] + new_state.base_delta["linear"], rtol=1e-6)
+  assert ref.rel_err(new_state.method_state["base_delta"]["linear"], want) <= 1e-5
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(new_state.method_state["lora"]))
+  merged = method.effective_base(new_state.method_state, base)["linear"]["kernel"]
+  np.testing.assert_allclose(merged, base["linear"]["kernel"] + new_state.method_state["base_delta"]["linear"], rtol=1e-6)
 
   # The next round trains fresh adapters on W0 + base_delta, not on W0.
   _, result2 = round_fn(new_state, base, cohort, data, n, key=jax.random.key(4))
-  start = flora.fresh(jax.random.key(4), new_state.lora, jnp.asarray(ranks))
+  start = flora.fresh(jax.random.key(4), new_state.method_state["lora"], jnp.asarray(ranks))
   train = client_lib.vmap_backend(spec)
-  on_merged = train(server.effective_base(new_state, base), start, jnp.asarray(ranks), data)
+  on_merged = train(method.effective_base(new_state.method_state, base), start, jnp.asarray(ranks), data)
   on_w0 = train(base, start, jnp.asarray(ranks), data)
   np.testing.assert_allclose(result2.loss, on_merged.loss, rtol=1e-6)
   assert not np.allclose(result2.loss, on_w0.loss, rtol=1e-3)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from hetlora import client as client_lib
-from hetlora import helora_kd
+from hetlora.methods import helora_kd
 from hetlora import lora as lora_lib
 from hetlora import methods
 from hetlora import server
@@ -98,20 +98,20 @@ def test_first_distillation_loss_matches_numpy():
 
 def test_round_with_rank_groups():
   model, base, logits_fn, _, public = _setup()
-  method = methods.get_method("helora_kd", group_ranks=GROUPS, logits_fn=logits_fn, alpha=4.0, epochs=2)
+  method = methods.get("helora_kd", group_ranks=GROUPS, logits_fn=logits_fn, alpha=4.0, epochs=2)
   spec = client_lib.LocalSpec(tiny.classification_loss(model), optax.adam(1e-2), alpha=4.0)
   lora = lora_lib.init(jax.random.key(1), base, "(hidden_0|head)/kernel$", R_MAX)
-  state = server.init(lora, np.array([1, 2, 4, 4]), method=method)
-  assert state.lora["head"]["a"].shape == (3, 8, R_MAX)
+  state = server.init(lora, np.array([1, 2, 4, 4]), method)
+  assert state.method_state["head"]["a"].shape == (3, 8, R_MAX)
   rng = np.random.default_rng(1)
   data = {"batch": {"x": jnp.float32(rng.normal(size=(3, 2, 4, D_IN))),
                     "label": jnp.int32(rng.integers(0, 3, size=(3, 2, 4)))},
           "mask": jnp.ones((3, 2, 4))}
-  round_fn = server.make_round(spec, None, method=method)
+  round_fn = server.make_round(spec, method)
   new_state, _ = round_fn(state, base, jnp.array([0, 2, 3]), data, jnp.ones(3), public=public)
-  assert new_state.lora["head"]["a"].shape == (3, 8, R_MAX)
-  assert np.all(np.isfinite(np.asarray(new_state.lora["head"]["b"])))
+  assert new_state.method_state["head"]["a"].shape == (3, 8, R_MAX)
+  assert np.all(np.isfinite(np.asarray(new_state.method_state["head"]["b"])))
   with pytest.raises(ValueError, match="group_ranks"):
-    server.init(lora, np.array([1, 3]), method=method)
+    server.init(lora, np.array([1, 3]), method)
   with pytest.raises(ValueError, match="public"):
     round_fn(state, base, jnp.array([0, 2, 3]), data, jnp.ones(3))

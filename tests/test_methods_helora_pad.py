@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from hetlora import aggregation
-from hetlora import helora_pad
+from hetlora import methods
+from hetlora.methods import helora_pad
 import methods_reference as ref
 
 R_MAX, D_IN, D_OUT = 4, 5, 3
@@ -16,7 +17,7 @@ R_MAX, D_IN, D_OUT = 4, 5, 3
 def _run(ranks, n, padding, weighting, seed=0):
   rng = np.random.default_rng(seed)
   a_l, b_l = ref.random_clients(rng, len(ranks), D_IN, D_OUT, R_MAX, ranks)
-  out = helora_pad.helora_pad(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32),
+  out = helora_pad.aggregate(ref.to_tree(a_l, b_l), jnp.array(ranks, jnp.int32),
                               jnp.array(n, jnp.float32), jnp.ones(len(ranks)),
                               padding=padding, weighting=weighting)
   want = ref.helora_pad(a_l, b_l, ranks, n, padding, weighting, R_MAX)
@@ -57,7 +58,7 @@ def test_padding_keeps_trained_slots(ranks, padding):
 def test_equal_full_ranks_with_example_weights_is_fedavg():
   ranks, n = [R_MAX] * 3, [4., 1., 2.]
   out, _, (a_l, b_l) = _run(ranks, n, "linear", "examples")
-  avg = aggregation.fedavg(ref.to_tree(a_l, b_l), jnp.array(ranks), jnp.array(n), jnp.ones(3))["q"]
+  avg = aggregation.example_average(ref.to_tree(a_l, b_l), jnp.array(ranks), jnp.array(n), jnp.ones(3))["q"]
   np.testing.assert_allclose(out["a"], avg["a"], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(out["b"], avg["b"], rtol=1e-6, atol=1e-7)
 
@@ -65,7 +66,7 @@ def test_equal_full_ranks_with_example_weights_is_fedavg():
 def test_equal_ranks_below_r_max_agree_with_fedavg_on_the_client_slots():
   ranks, n = [2, 2, 2], [4., 1., 2.]
   out, _, (a_l, b_l) = _run(ranks, n, "linear", "examples")
-  avg = aggregation.fedavg(ref.to_tree(a_l, b_l), jnp.array(ranks), jnp.array(n), jnp.ones(3))["q"]
+  avg = aggregation.example_average(ref.to_tree(a_l, b_l), jnp.array(ranks), jnp.array(n), jnp.ones(3))["q"]
   np.testing.assert_allclose(out["a"][:, :2], avg["a"][:, :2], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(out["b"][:2], avg["b"][:2], rtol=1e-6, atol=1e-7)
 
@@ -73,16 +74,17 @@ def test_equal_ranks_below_r_max_agree_with_fedavg_on_the_client_slots():
 def test_zero_padding_with_example_weights_is_zero_pad():
   ranks, n = [1, 4, 2], [3., 2., 5.]
   out, _, (a_l, b_l) = _run(ranks, n, "zero", "examples")
-  want = aggregation.zero_pad(ref.to_tree(a_l, b_l), jnp.array(ranks), jnp.array(n), jnp.ones(3))["q"]
+  want = aggregation.example_average(ref.to_tree(a_l, b_l), jnp.array(ranks), jnp.array(n), jnp.ones(3))["q"]
   np.testing.assert_allclose(out["a"], want["a"], rtol=1e-6, atol=1e-7)
 
 
 def test_registered_and_validated():
-  assert "helora_pad" in aggregation.names()
-  agg = aggregation.get("helora_pad", padding="mean", weighting="rank")
+  agg = methods.get("helora_pad", padding="mean", weighting="rank").aggregate
   lora = ref.to_tree(*ref.random_clients(np.random.default_rng(0), 2, D_IN, D_OUT, R_MAX, [1, 2]))
   assert agg(lora, jnp.array([1, 2]), jnp.ones(2), jnp.ones(2))["q"]["a"].shape == (D_IN, R_MAX)
   with pytest.raises(ValueError, match="padding"):
-    helora_pad.helora_pad(lora, jnp.array([1, 2]), jnp.ones(2), jnp.ones(2), padding="cubic")
+    helora_pad.aggregate(lora, jnp.array([1, 2]), jnp.ones(2), jnp.ones(2), padding="cubic")
   with pytest.raises(ValueError, match="weighting"):
-    helora_pad.helora_pad(lora, jnp.array([1, 2]), jnp.ones(2), jnp.ones(2), weighting="norm")
+    helora_pad.aggregate(lora, jnp.array([1, 2]), jnp.ones(2), jnp.ones(2), weighting="norm")
+  with pytest.raises(ValueError, match=r"method\.kwargs\.padding"):
+    methods.get("helora_pad", padding="cubic")

@@ -20,12 +20,16 @@ import numpy as np
 import optax
 import pytest
 
-from hetlora import aggregation
+import dataclasses
+import inspect
+
 from hetlora import client as client_lib
 from hetlora import lora as lora_lib
 from hetlora import memory
+from hetlora import methods
 from hetlora import parallel
 from hetlora import server
+from hetlora.methods import hetlora as hetlora_method
 from hetlora.models import tiny
 
 CHILD = os.environ.get("HETLORA_PARALLEL_CHILD") == "1"
@@ -60,7 +64,7 @@ def _problem(pruning: bool = True):
   base = tiny.init_params(model, jax.random.key(0), D_IN)
   spec = client_lib.LocalSpec(
       loss_fn=tiny.classification_loss(model), optimizer=optax.sgd(0.05, momentum=0.9), alpha=2.0,
-      pruning=client_lib.Pruning(lam=1e-2, gamma=0.75, enabled=pruning))
+      local=hetlora_method.local(lam=1e-2, gamma=0.75, prune=pruning))
   glob = lora_lib.init(jax.random.key(1), base, "(hidden_0|head)/kernel$", R_MAX)
   glob = lora_lib.map_modules(lambda m: {"a": m["a"], "b": 0.1 * jnp.ones_like(m["b"])}, glob)
   ranks = jnp.asarray([1, 2, 3, 4, 5, 6, 7, 8, 2, 8, 5], jnp.int32)
@@ -191,22 +195,27 @@ def test_sharded_inputs_are_split_over_clients(problem):
 
 
 @needs_devices
-@pytest.mark.parametrize("name", aggregation.names())
+SHARED_SIGNATURE = [n for n in methods.names()
+                    if list(inspect.signature(methods.module(n).aggregate).parameters)[:4]
+                    == ["lora", "ranks", "num_examples", "scales"]]
+
+
+@pytest.mark.parametrize("name", SHARED_SIGNATURE)
 def test_aggregators_on_sharded_arrays(problem, reference, name):
-  """Every registered aggregator gives the same global adapter from sharded inputs."""
+  """Every method's aggregator gives the same global adapter from sharded inputs."""
   spec, base, glob, ranks, data = problem
   mesh = parallel.client_mesh()
   res = parallel.sharded_backend(spec, mesh)(base, lora_lib.truncate(glob, ranks), ranks, data)
   n = jnp.arange(1.0, K + 1.0)
   s = lora_lib.scale(res.rank, spec.alpha, spec.scale_rule, R_MAX)
-  agg = aggregation.get(name)
+  agg = methods.module(name).aggregate
   want = agg(reference.lora, reference.rank, n, s)
   _assert_close(agg(res.lora, res.rank, n, s), want)
   # Evenly sharded inputs (K_pad = 16 with zero-weight inactive clients): a reduction over devices.
   lora16, r16, _ = parallel.pad_clients(res.lora, res.rank, data, 16)
   shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
   lora16 = parallel.put(jax.device_get(lora16), shard)
-  if name in ("fedavg", "zero_pad", "hetlora"):  # padding with n_k = 0 leaves these unchanged
+  if name in ("homlora", "zero_pad", "hetlora", "ffa_lora"):  # padding with n_k = 0 leaves these unchanged
     n16 = parallel.put(jnp.concatenate([n, jnp.zeros(5)]), shard)
     s16 = parallel.put(jnp.concatenate([s, jnp.ones(5)]), shard)
     r16 = parallel.put(r16, shard)
@@ -219,10 +228,11 @@ def test_aggregators_on_sharded_arrays(problem, reference, name):
 def test_round_sharded_equals_vmap_and_sequential(problem):
   """One full server round (mixed ranks, K=11, pruning) with every backend."""
   spec, base, glob, ranks, data = problem
-  state = server.init(glob, ranks)
+  method = methods.get("hetlora", lam=1e-2, gamma=0.75, prune=True)
+  spec = dataclasses.replace(spec, local=method.local)
+  state = server.init(glob, ranks, method)
   cohort = jnp.arange(K, dtype=jnp.int32)
   n = jnp.arange(1.0, K + 1.0)
-  agg = aggregation.get("hetlora")
   backends = {
       "vmap": "vmap",
       "sequential": "sequential",
@@ -230,12 +240,12 @@ def test_round_sharded_equals_vmap_and_sequential(problem):
       "sharded8": parallel.sharded_backend(spec, parallel.client_mesh()),
       "sharded3": parallel.sharded_backend(spec, parallel.client_mesh(jax.devices()[:3])),
   }
-  out = {name: server.make_round(spec, agg, b)(state, base, cohort, data, n)
+  out = {name: server.make_round(spec, method, b)(state, base, cohort, data, n)
          for name, b in backends.items()}
   want_state, want_res = out["vmap"]
   assert int((want_res.rank != ranks).sum()) > 0  # self-pruning changed some ranks
   for name, (st, res) in out.items():
-    _assert_close(st.lora, want_state.lora)
+    _assert_close(st.method_state, want_state.method_state)
     _assert_close(res, want_res)
     assert st.client_ranks.tolist() == want_state.client_ranks.tolist(), name
 

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from hetlora import aggregation, client, lora as lora_lib, ranks as ranks_lib, server
+from hetlora import client, lora as lora_lib, methods, ranks as ranks_lib, server
 from hetlora.models import tiny
 
 import numpy_reference as ref
@@ -16,13 +16,13 @@ def test_round_matches_numpy_reference():
   model, base = _linear()
   glob = _nonzero_lora(base, 7)
   client_ranks = np.array([1, 4, 2, 3, 4, 2])
-  state = server.init(glob, client_ranks)
+  method = methods.get("hetlora", lam=1.0, gamma=0.6, prune=True)
+  state = server.init(glob, client_ranks, method)
   cohort = server.sample_cohort(seed=3, round_index=0, num_clients=6, per_round=4)
   data = _regression_data(np.random.default_rng(8), 4, 3, 4, counts=[12, 5, 9, 1])
   n = data["mask"].sum((1, 2))
-  spec = client.LocalSpec(tiny.squared_loss(model), optax.sgd(0.05), alpha=2.0,
-                          pruning=client.Pruning(lam=1.0, gamma=0.6, enabled=True))
-  new_state, res = server.make_round(spec, aggregation.get("hetlora"))(state, base, cohort, data, n)
+  spec = client.LocalSpec(tiny.squared_loss(model), optax.sgd(0.05), alpha=2.0)
+  new_state, res = server.make_round(spec, method)(state, base, cohort, data, n)
 
   w0 = np.asarray(base["linear"]["kernel"], np.float64)
   a_g, b_g = np.asarray(glob["linear"]["a"]), np.asarray(glob["linear"]["b"])
@@ -37,8 +37,8 @@ def test_round_matches_numpy_reference():
                     for o in outs])
   a, b = ref.weighted_average_padded([o[0] for o in outs], [o[1] for o in outs], new_ranks,
                                      norms / norms.sum(), R_MAX)
-  np.testing.assert_allclose(np.asarray(new_state.lora["linear"]["a"]), a, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(new_state.lora["linear"]["b"]), b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_state.method_state["linear"]["a"]), a, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_state.method_state["linear"]["b"]), b, rtol=1e-5, atol=1e-6)
   want_ranks = client_ranks.copy()
   want_ranks[cohort] = new_ranks
   np.testing.assert_array_equal(np.asarray(new_state.client_ranks), want_ranks)
@@ -50,10 +50,10 @@ def _three_rounds(seed):
   base = tiny.init_params(model, jax.random.key(seed), 8)
   glob = lora_lib.init(jax.random.key(seed + 1), base, "kernel", 8)
   client_ranks = ranks_lib.assign(10, seed, 2, 8)
-  state = server.init(glob, client_ranks)
-  spec = client.LocalSpec(tiny.classification_loss(model), optax.adam(3e-2), alpha=8.0,
-                          pruning=client.Pruning(lam=5.0, gamma=0.99, r_min=2, enabled=True))
-  round_fn = server.make_round(spec, aggregation.get("hetlora"))
+  method = methods.get("hetlora", lam=5.0, gamma=0.99, r_min=2, prune=True)
+  state = server.init(glob, client_ranks, method)
+  spec = client.LocalSpec(tiny.classification_loss(model), optax.adam(3e-2), alpha=8.0)
+  round_fn = server.make_round(spec, method)
   history = []
   for r in range(3):
     cohort = server.sample_cohort(seed, r, 10, 4)
@@ -96,9 +96,9 @@ def test_sampling_is_deterministic_and_validated():
 def test_init_validates_ranks():
   glob = {"m": {"a": jnp.zeros((2, 4)), "b": jnp.zeros((4, 3))}}
   with pytest.raises(ValueError, match="r_max=4"):
-    server.init(glob, [1, 5])
+    server.init(glob, [1, 5], methods.get("zero_pad"))
   with pytest.raises(ValueError, match="non-empty"):
-    server.init(glob, [])
+    server.init(glob, [], methods.get("zero_pad"))
 
 
 @pytest.mark.parametrize("dist", ranks_lib.DISTRIBUTIONS)

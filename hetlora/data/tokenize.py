@@ -77,7 +77,7 @@ def _encode_all(texts: Sequence[str], encode_fn: EncodeFn, chunk_size: int) -> d
 
 def _check_max_len(max_len: int) -> None:
   if int(max_len) < 1:
-    raise ValueError(f"max_len={max_len} must be >= 1; set config.data.max_len, e.g. 64.")
+    raise ValueError(f"max_len={max_len} must be >= 1; set config.model.max_len, e.g. 64.")
 
 
 def tokenize_dataset(ds: TextDataset, encode_fn: EncodeFn, max_len: int, *, pad_id: int = 0,
@@ -124,7 +124,7 @@ def tokenize_prompts(ds: PromptDataset, encode_fn: EncodeFn, max_len: int, *, pa
   budget = max_len - specials
   if budget < 1:
     raise ValueError(f"max_len={max_len} leaves no room for tokens after bos/eos; "
-                     "set config.data.max_len larger.")
+                     "set config.model.max_len larger.")
   n = len(ds)
   prompts = _encode_all(ds.prompts, encode_fn, chunk_size).get("input_ids", [])
   targets = _encode_all(ds.targets, encode_fn, chunk_size).get("input_ids", [])

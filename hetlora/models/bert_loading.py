@@ -9,16 +9,15 @@ known package model (:func:`hetlora.models.files.resolve`).
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers 'bfloat16' with numpy for BF16 tensors)
 import numpy as np
 from flax import traverse_util
+from safetensors import SafetensorError, safe_open
 
 from hetlora.models import files
 from hetlora.models.bert import BertConfig
@@ -26,50 +25,36 @@ from hetlora.models.bert import BertConfig
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-# safetensors dtype tag -> numpy dtype.
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_FLOAT_TAGS = ("F64", "F32", "F16", "BF16")
+# safetensors dtype tags this reader decodes (BF16 through ml_dtypes, registered with numpy).
+SAFETENSORS_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 def read_safetensors(path: str | os.PathLike, names: set[str] | None = None
                      ) -> dict[str, np.ndarray]:
   """Reads tensors (all, or those in ``names``) from a ``.safetensors`` file.
 
-  Format: 8-byte little-endian header length, a JSON header
-  ``{name: {dtype, shape, data_offsets}}``, then the raw data.
+  Uses ``safetensors.safe_open(path, framework="numpy")``; ``BF16`` tensors
+  come back as ``ml_dtypes.bfloat16`` arrays.
 
   Raises:
     ValueError: the file is malformed, or a wanted tensor has a dtype this
       reader cannot decode.
   """
   path = Path(path)
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise ValueError(f"{path} is too short to be a safetensors file.")
-    (n,) = struct.unpack("<Q", raw)
-    try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: unreadable safetensors header ({e}).") from None
-    header.pop("__metadata__", None)
-    data = f.read()
   out = {}
-  for name, info in header.items():
-    if names is not None and name not in names:
-      continue
-    tag = info["dtype"]
-    if tag not in SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {tag}, which cannot be read; "
-                       f"supported: {sorted(SAFETENSORS_DTYPES)}. Convert the checkpoint "
-                       "to F32/F16/BF16.")
-    start, end = info["data_offsets"]
-    arr = np.frombuffer(data[start:end], dtype=SAFETENSORS_DTYPES[tag])
-    out[name] = arr.reshape(info["shape"])
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      for name in f.keys():
+        if names is not None and name not in names:
+          continue
+        tag = f.get_slice(name).get_dtype()
+        if tag not in SAFETENSORS_DTYPES:
+          raise ValueError(f"{path}: tensor {name!r} has dtype {tag}, which cannot be read; "
+                           f"supported: {sorted(SAFETENSORS_DTYPES)}. Convert the checkpoint "
+                           "to F32/F16/BF16.")
+        out[name] = f.get_tensor(name)
+  except SafetensorError as e:
+    raise ValueError(f"{path} is not a readable safetensors file ({e}).") from None
   return out
 
 

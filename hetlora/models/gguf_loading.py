@@ -51,8 +51,22 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, hd // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Metadata and float32 tensors of a GGUF file.
+def open_gguf(path: str | os.PathLike):
+  """A ``gguf.GGUFReader`` of ``path`` (parsing one takes seconds: share it between readers).
+
+  Raises:
+    FileNotFoundError: no such file.
+  """
+  import gguf
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+  return gguf.GGUFReader(path)
+
+
+def read_gguf_tensors(path: str | os.PathLike, reader=None
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Metadata and float32 tensors of a GGUF file (read with ``reader`` if given).
 
   Returns:
     ``(metadata, tensors)``: ``metadata`` maps each key to its Python value
@@ -65,9 +79,8 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
   """
   import gguf
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
-  reader = gguf.GGUFReader(path)
+  if reader is None:
+    reader = open_gguf(path)
   meta = {}
   for name, field in reader.fields.items():
     if name.startswith("GGUF."):
@@ -194,12 +207,14 @@ def _assemble(cfg: LlamaConfig, take, names: dict[str, str], param_dtype: Any,
   return params
 
 
-def load_gguf(path: str | os.PathLike, param_dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict]:
+def load_gguf(path: str | os.PathLike, param_dtype: Any = jnp.float32, reader=None
+              ) -> tuple[LlamaConfig, dict]:
   """Config and parameters of a Llama/Qwen2 GGUF, dequantised once.
 
   Args:
     path: a ``.gguf`` file (see :func:`hetlora.models.files.resolve`).
     param_dtype: dtype of the returned arrays.
+    reader: an :func:`open_gguf` reader of ``path`` to reuse (optional).
 
   Returns:
     ``(config, params)``; ``params`` nests like ``Llama(config)``'s.
@@ -209,7 +224,7 @@ def load_gguf(path: str | os.PathLike, param_dtype: Any = jnp.float32) -> tuple[
     >>> params['layers_0']['attn']['q_proj']['kernel'].shape
     (576, 576)
   """
-  meta, t = read_gguf_tensors(path)
+  meta, t = read_gguf_tensors(path, reader)
   cfg = config_from_gguf(meta, t, str(path))
   permute = meta["general.architecture"] == "llama"
   return cfg, _assemble(cfg, _taker(t, f"GGUF {str(path)!r}"), GGUF_NAMES, param_dtype, permute)

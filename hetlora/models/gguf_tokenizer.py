@@ -24,8 +24,11 @@ CONTROL = 3
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
+def tokenizer_from_gguf(path: str | os.PathLike, reader=None) -> Tokenizer:
   """Byte-level BPE tokenizer from a GGUF file's ``tokenizer.ggml.*`` metadata.
+
+  ``reader``: a ``gguf.GGUFReader`` of ``path`` to reuse (optional; parsing
+  one takes seconds).
 
   Example:
     >>> tok = tokenizer_from_gguf(resolve('smollm2-135m-instruct'))
@@ -34,9 +37,10 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
   """
   import gguf
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
-  reader = gguf.GGUFReader(path)
+  if reader is None:
+    if not path.is_file():
+      raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+    reader = gguf.GGUFReader(path)
 
   def field(name):
     if name not in reader.fields:

@@ -14,15 +14,16 @@ and every client starts the next round from a *fresh* LoRA of its own rank
 (``a`` random as in :func:`hetlora.lora.init`, ``b = 0``), drawn from a
 per-client key.
 
-Which base the server holds: the original ``W0`` stays outside the server
-state (the caller's ``base_params``); :class:`hetlora.server.ServerState`
-carries ``base_delta``, the running sum of merged dense updates
-``[d_in, d_out]`` per adapted kernel, and clients train and evaluate on
-``W0 + base_delta`` (:func:`hetlora.server.effective_base`).
+What the server keeps (the method's state): the original ``W0`` stays
+outside (the caller's ``base_params``); the state is ``{'lora': zeros,
+'base_delta': ...}``, ``base_delta`` the running sum of merged dense updates
+``[d_in, d_out]`` per adapted kernel at the LoRA tree's module paths. Clients
+train and evaluate on ``W0 + base_delta`` (:func:`effective_base`); the
+zero adapter only fixes the shapes of the fresh client adapters.
 
 Scale: any rule (the authors use ``alpha = 2 r_k``, i.e. ``s_k = 2``);
-``scales`` must be each client's actual ``s_k``. :func:`stack` is not a
-registered aggregator: its rank width is ``K r_max``, not ``r_max``.
+``scales`` must be each client's actual ``s_k``. :func:`stack` (the
+aggregator) returns rank width ``K r_max``, not ``r_max``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from flax import traverse_util
 
 from hetlora import aggregation
 from hetlora import lora as lora_lib
+from hetlora.methods import base
 
 LoRA = lora_lib.LoRA
 
@@ -74,9 +76,9 @@ def stack(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Arr
   """
   aggregation.check_inputs(lora, ranks, num_examples, scales)
   w_a = aggregation.example_weights(num_examples) * scales.astype(jnp.float32)
-  ones = jnp.ones_like(w_a)
+  w_b = (jnp.asarray(num_examples) > 0).astype(jnp.float32)   # a client without examples adds nothing
   return lora_lib.map_modules(
-      lambda mod: dict(zip(("a", "b"), stacked_factors(mod, ranks, w_a, ones))), lora)
+      lambda mod: dict(zip(("a", "b"), stacked_factors(mod, ranks, w_a, w_b))), lora)
 
 
 def fresh(key: jax.Array, like: LoRA, ranks: jax.Array) -> LoRA:
@@ -98,3 +100,40 @@ def fresh(key: jax.Array, like: LoRA, ranks: jax.Array) -> LoRA:
   init = lambda k: lora_lib.init(k, shapes, r"/kernel$", r_max, dtype)
   keys = jax.random.split(key, ranks.shape[0])
   return jax.vmap(lora_lib.mask)(jax.vmap(init)(keys), ranks)
+
+
+aggregate = stack
+
+
+def init_state(global_lora: LoRA, client_ranks) -> dict:
+  """Zeros: nothing merged yet, and the (always zero) server adapter."""
+  del client_ranks
+  zeros = jax.tree.map(jnp.zeros_like, global_lora)
+  return {"lora": zeros, "base_delta": lora_lib.delta(zeros, jnp.int32(lora_lib.r_max_of(zeros)), 0.0)}
+
+
+def distribute(state: dict, ranks: jax.Array, scales: jax.Array, key: jax.Array) -> LoRA:
+  """A fresh adapter per client (:func:`fresh`) from the round's ``key``."""
+  del scales
+  return fresh(key, state["lora"], ranks)
+
+
+def merge(state: dict, aggregated: LoRA, ranks, base_params, public) -> dict:
+  """``base_delta += A_stack B_stack``; the adapter stays zero."""
+  del ranks, base_params, public
+  merged = lora_lib.delta(aggregated, jnp.int32(lora_lib.r_max_of(aggregated)), 1.0)
+  return {"lora": state["lora"], "base_delta": jax.tree.map(jnp.add, state["base_delta"], merged)}
+
+
+def effective_base(state: dict, base_params):
+  """``W0 + base_delta`` at every adapted kernel."""
+  return lora_lib.add_to_kernels(base_params, state["base_delta"])
+
+
+def make() -> base.Method:
+  """FLoRA (no options)."""
+  return base.Method(
+      name="flora", aggregate=stack, init_state=init_state, distribute=distribute,
+      server_update=merge, effective_base=effective_base,
+      global_adapters=lambda state, alpha, rule: base.fold_at_r_max(state["lora"], alpha, rule),
+      needs_key=True)

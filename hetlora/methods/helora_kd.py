@@ -24,8 +24,10 @@ A round:
 Scale: group ``i`` uses the run's rule at its own rank ``g_i`` for the
 distillation forward pass; aggregation averages factors as they are.
 The model enters through ``logits_fn(base_params, lora_eff, batch) -> [B, C]``
-(``lora_eff`` as from :func:`hetlora.lora.fold_scale`). Self-pruning must be
-off: a pruned rank belongs to no group.
+(``lora_eff`` as from :func:`hetlora.lora.fold_scale`). Rank groups are fixed
+for the run (every client rank must be a group rank; self-pruning is
+HetLoRA's and does not apply here). The run supplies the groups (its distinct
+client ranks), the model's logits and the scale (:func:`run_options`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import optax
 
 from hetlora import aggregation
 from hetlora import lora as lora_lib
+from hetlora.methods import base
 
 LoRA = lora_lib.LoRA
 LogitsFn = Callable[[Any, LoRA, Mapping[str, jax.Array]], jax.Array]
@@ -58,9 +61,9 @@ class KDSpec:
 
   def __post_init__(self):
     if self.temperature <= 0:
-      raise ValueError(f"method.temperature must be > 0, got {self.temperature}.")
+      raise ValueError(f"method.kwargs.temperature={self.temperature} must be > 0 (the authors use 1).")
     if self.epochs < 0:
-      raise ValueError(f"method.epochs must be >= 0, got {self.epochs}.")
+      raise ValueError(f"method.kwargs.epochs={self.epochs} must be >= 0 (the authors use 10).")
 
 
 def group_index(ranks: jax.Array, group_ranks: jax.Array) -> jax.Array:
@@ -165,3 +168,56 @@ def server_update(spec: KDSpec, group_ranks: jax.Array, previous: LoRA, aggregat
       lambda new, old: jnp.where(present.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
       aggregated, previous)
   return distill(spec, base_params, merged, group_ranks, public)[0]
+
+
+def check_group_ranks(group_ranks) -> None:
+  """Refuses group ranks that are not distinct and ascending."""
+  if len(group_ranks) == 0 or sorted(set(group_ranks)) != list(group_ranks):
+    raise ValueError(f"method.kwargs.group_ranks={tuple(group_ranks)} must be distinct ranks in "
+                     "ascending order, e.g. (2, 4, 8).")
+
+
+def make(group_ranks: tuple[int, ...] = (), logits_fn: LogitsFn | None = None, alpha: float = 1.0,
+         scale_rule: str = "alpha/r", temperature: float = 1.0, epochs: int = 10,
+         ce_weight: float = 0.0, learning_rate: float = 5e-5,
+         weight_decay: float = 0.01) -> base.Method:
+  """HeLoRA-KD over the rank groups ``group_ranks`` (see :class:`KDSpec` for the rest)."""
+  group_ranks = tuple(int(g) for g in group_ranks)
+  check_group_ranks(group_ranks)
+  if logits_fn is None:
+    raise ValueError("method 'helora_kd' distils class logits: the model must give them "
+                     "(model.kind='bert_classifier'), or choose another method.name.")
+  spec = KDSpec(logits_fn=logits_fn, alpha=alpha, scale_rule=scale_rule, temperature=temperature,
+                epochs=epochs, ce_weight=ce_weight, learning_rate=learning_rate,
+                weight_decay=weight_decay)
+  groups = jnp.asarray(group_ranks, jnp.int32)
+
+  def check_ranks(client_ranks, r_max):
+    if max(group_ranks) > r_max:
+      raise ValueError(f"method.kwargs.group_ranks={group_ranks} exceed lora.r_max={r_max}.")
+    missing = sorted(set(map(int, client_ranks)) - set(group_ranks))
+    if missing:
+      raise ValueError(f"method 'helora_kd': client ranks {missing} are not in "
+                       f"method.kwargs.group_ranks={group_ranks}; every client rank must be a group rank.")
+
+  def fold(state, alpha_, rule):
+    s = lora_lib.scale(groups, alpha_, rule, lora_lib.r_max_of(state))
+    return jax.vmap(lora_lib.fold_scale)(state, groups, s)
+
+  return base.Method(
+      name="helora_kd",
+      aggregate=lambda lora, ranks, n, scales: aggregate(lora, ranks, n, groups),
+      init_state=lambda global_lora, client_ranks: init_groups(global_lora, groups),
+      distribute=lambda state, ranks, scales, key: distribute(state, ranks, groups),
+      server_update=lambda state, agg, ranks, base_params, public: server_update(
+          spec, groups, state, *agg, base_params, public),
+      global_adapters=fold, check_ranks=check_ranks, needs_public=True)
+
+
+def run_options(run: base.Run) -> dict:
+  """Groups: the run's distinct client ranks; the model's logits and the run's scale."""
+  if not run.has_public:
+    raise ValueError("method 'helora_kd' distils on public data: set data.public_examples > 0 "
+                     "(e.g. 200).")
+  return {"group_ranks": tuple(sorted(set(map(int, run.client_ranks)))), "logits_fn": run.logits_fn,
+          "alpha": run.alpha, "scale_rule": run.scale_rule}

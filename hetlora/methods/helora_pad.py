@@ -30,8 +30,6 @@ HetLoRA (:func:`hetlora.lora.truncate`).
 
 Scale: any rule; the factors are padded and averaged as they are, so the
 global adapter at rank ``r`` is read with the scale of rank ``r``.
-
-Importing this module registers ``'helora_pad'`` in :mod:`hetlora.aggregation`.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ import jax.numpy as jnp
 
 from hetlora import aggregation
 from hetlora import lora as lora_lib
+from hetlora.methods import base
 
 LoRA = lora_lib.LoRA
 
@@ -87,7 +86,7 @@ def pad(lora: LoRA, ranks: jax.Array, padding: str = "linear") -> LoRA:
     [[[1.0, 3.0, 2.0]]]
   """
   if padding not in PADDINGS:
-    raise ValueError(f"method.padding must be one of {PADDINGS}, got {padding!r}.")
+    raise ValueError(f"method.kwargs.padding={padding!r} must be one of {PADDINGS}.")
   r_max = lora_lib.r_max_of(lora)
 
   def one(mod, rank):      # mod: one client's module, already masked to ``rank``
@@ -105,7 +104,7 @@ def pad(lora: LoRA, ranks: jax.Array, padding: str = "linear") -> LoRA:
 def rank_weights(ranks: jax.Array, num_examples: jax.Array, weighting: str) -> jax.Array:
   """``p_k ∝ n_k r_k`` / ``r_k`` / ``n_k``: ``float32[K]`` summing to one."""
   if weighting not in WEIGHTINGS:
-    raise ValueError(f"method.weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+    raise ValueError(f"method.kwargs.weighting={weighting!r} must be one of {WEIGHTINGS}.")
   n = jnp.asarray(num_examples, jnp.float32)
   r = jnp.asarray(ranks, jnp.float32)
   w = {"examples_x_rank": n * r, "rank": r, "examples": n}[weighting]
@@ -113,7 +112,7 @@ def rank_weights(ranks: jax.Array, num_examples: jax.Array, weighting: str) -> j
 
 
 @functools.partial(jax.jit, static_argnames=("padding", "weighting"))
-def helora_pad(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array,
+def aggregate(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array,
                padding: str = "linear", weighting: str = "examples_x_rank") -> LoRA:
   """HeLoRA-Pad aggregation: ``a = sum_k p_k pad(a_k)``, ``b = sum_k p_k pad(b_k)``.
 
@@ -134,4 +133,11 @@ def helora_pad(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: ja
                                   rank_weights(ranks, num_examples, weighting))
 
 
-aggregation.register("helora_pad", helora_pad)
+def make(padding: str = "linear", weighting: str = "examples_x_rank") -> base.Method:
+  """HeLoRA-Pad with its padding and weighting (see :func:`aggregate`)."""
+  if padding not in PADDINGS:
+    raise ValueError(f"method.kwargs.padding={padding!r} must be one of {PADDINGS}.")
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"method.kwargs.weighting={weighting!r} must be one of {WEIGHTINGS}.")
+  return base.Method(name="helora_pad",
+                     aggregate=functools.partial(aggregate, padding=padding, weighting=weighting))

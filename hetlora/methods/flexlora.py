@@ -34,7 +34,7 @@ merged.
 Scale: any rule; ``scales`` must be each client's actual ``s_k`` (the paper
 uses ``alpha / r_k``; the reference code hard-codes ``alpha = 16``, we do not).
 
-Importing this module registers ``'flexlora'`` in :mod:`hetlora.aggregation`.
+The run derives ``core_rank`` from its client ranks (:func:`run_options`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetlora import aggregation
-from hetlora import flora
 from hetlora import lora as lora_lib
+from hetlora.methods import base
+from hetlora.methods import flora
 
 LoRA = lora_lib.LoRA
 
@@ -121,7 +122,7 @@ def compact(a: jax.Array, b: jax.Array, active: jax.Array, width: int) -> tuple[
 
 
 @functools.partial(jax.jit, static_argnames=("core_rank",))
-def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array,
+def aggregate(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.Array,
              core_rank: int | None = None) -> LoRA:
   """Rank-``r_max`` SVD factors of ``dW = sum_k p_k s_k a_k diag(m_k) b_k``.
 
@@ -139,7 +140,8 @@ def flexlora(lora: LoRA, ranks: jax.Array, num_examples: jax.Array, scales: jax.
   """
   aggregation.check_inputs(lora, ranks, num_examples, scales)
   if core_rank is not None and core_rank < 1:
-    raise ValueError(f"core_rank must be a positive bound on the sum of client ranks, got {core_rank}.")
+    raise ValueError(f"method.kwargs.core_rank={core_rank} must be a positive bound on the sum of "
+                     "client ranks; leave it unset to derive it from the run.")
   r_max = lora_lib.r_max_of(lora)
   w = jnp.sqrt(aggregation.example_weights(num_examples) * scales.astype(jnp.float32))
   active = ((lora_lib.rank_mask(ranks, r_max) > 0) & (w[:, None] > 0)).reshape(-1)   # [K r_max]
@@ -170,4 +172,21 @@ def distribute(global_lora: LoRA, ranks: jax.Array, scales: jax.Array) -> LoRA:
       lora_lib.truncate(global_lora, ranks))
 
 
-aggregation.register("flexlora", flexlora)
+def fold_unit_scale(state: LoRA, alpha: float, rule: str) -> LoRA:
+  """One model, ``[1, ...]``: the server adapter is scale 1, ``dW = a b``."""
+  del alpha, rule
+  r_max = lora_lib.r_max_of(state)
+  return jax.tree.map(lambda x: x[None], lora_lib.fold_scale(state, jnp.int32(r_max), 1.0))
+
+
+def make(core_rank: int | None = None) -> base.Method:
+  """FlexLoRA; ``core_rank``: static bound on the cohort's summed ranks (speed only)."""
+  return base.Method(
+      name="flexlora", aggregate=functools.partial(aggregate, core_rank=core_rank),
+      distribute=lambda state, ranks, scales, key: distribute(state, ranks, scales),
+      global_adapters=fold_unit_scale)
+
+
+def run_options(run: base.Run) -> dict:
+  """The SVD works on the cohort's actual ranks: ``core_rank`` from the run's client ranks."""
+  return {"core_rank": core_rank_bound(run.client_ranks, run.clients_per_round, run.r_max)}

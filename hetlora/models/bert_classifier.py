@@ -1,0 +1,86 @@
+"""Model provider ``bert_classifier``: a BERT-family encoder + pooled linear head.
+
+The encoder (:class:`hetlora.models.bert.BertClassifier`) loads from a
+Hugging Face directory (``config.json``, ``model.safetensors``,
+``tokenizer.json``) or a known package model such as ``all-minilm-l6-v2``;
+the head ``classifier/{kernel,bias}`` is initialised from ``key``. The loss
+is the per-example softmax cross-entropy ``l_i = -log softmax(f(x_i))[y_i]``.
+
+``config.model``: ``name``, ``max_len`` (<= the checkpoint's positions),
+``dtype``, ``pooling`` (``'mean'`` or ``'cls'``). See
+:mod:`hetlora.models.provider` for the interface.
+
+Example::
+
+    loaded = bert_classifier.load(config.model, num_labels=3, key=jax.random.key(0))
+    cols = loaded.prepare(tweets_ds)   # input_ids, attention_mask, token_type_ids: [N, L]; label: [N]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hetlora.data.sources import TextDataset
+from hetlora.data.tokenize import tokenize_dataset
+from hetlora.models import bert, bert_loading, tasks, tokenizer as tokenizer_lib
+from hetlora.models.provider import (Loaded, check_dataset, compute_dtype, example_mask,
+                                     max_len_of, model_errors)
+
+KIND = "bert_classifier"
+TASK = "classification"
+DEFAULT_NAME = "all-minilm-l6-v2"
+DEFAULT_PATTERN = r"attention/(query|value)/kernel$|classifier/kernel$"
+
+
+def eval_sums_fn(logits_fn):
+  """``eval_sums(base, lora_eff, batch)``: masked sums of correctness and cross-entropy."""
+  def eval_sums(base, lora_eff, batch):
+    logits = logits_fn(base, lora_eff, batch)
+    m = example_mask(batch)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = tasks.accuracy(logits, batch["label"])
+    return {"accuracy": (jnp.sum(correct * m), jnp.sum(m)), "loss": (jnp.sum(nll * m), jnp.sum(m))}
+  return eval_sums
+
+
+def load(model_config, *, num_labels: int | None, key: jax.Array) -> Loaded:
+  """Loads the encoder and tokenizer, adds a random ``num_labels``-way head from ``key``.
+
+  Raises:
+    ValueError / FileNotFoundError: naming the ``model.*`` field at fault.
+  """
+  if num_labels is None or int(num_labels) < 2:
+    raise ValueError(f"model.kind={KIND!r} needs num_labels >= 2 (the data source's classes), "
+                     f"got {num_labels!r}; use a classification data.source.")
+  num_labels = int(num_labels)
+  name = model_config.get("name") or DEFAULT_NAME
+  dtype = compute_dtype(model_config)
+  pooling = model_config.get("pooling", "mean")
+  if pooling not in bert.POOLINGS:
+    raise ValueError(f"model.pooling={pooling!r} must be one of {bert.POOLINGS}.")
+  max_len_of(model_config)  # fail before loading; the position limit is checked after
+  with model_errors(name, KIND):
+    config, encoder = bert_loading.load_bert(name)
+  default_len = max_len_of(model_config, limit=config.max_position_embeddings)
+  with model_errors(name, KIND):
+    tok = tokenizer_lib.load_tokenizer(name, max_len=default_len)
+  pad_id = tokenizer_lib.pad_id_of(tok)
+  model = bert.BertClassifier(config, num_labels, pooling=pooling, dtype=dtype)
+  base = {**encoder, **bert.init_head(key, config, num_labels)}
+  logits_fn = tasks.classification_predict(model)
+
+  def prepare(dataset, max_len: int | None = None):
+    check_dataset(dataset, TextDataset, KIND, TASK)
+    n = default_len if max_len is None else max_len_of(
+        {"max_len": max_len}, limit=config.max_position_embeddings)
+    encode_fn = functools.partial(tokenizer_lib.encode, tok, max_len=n, pad_id=pad_id)
+    return tokenize_dataset(dataset, encode_fn, n, pad_id=pad_id)
+
+  return Loaded(base_params=base, loss_fn=tasks.classification_loss(model), logits_fn=logits_fn,
+                eval_sums=eval_sums_fn(logits_fn), prepare=prepare, tokenizer=tok, model=model,
+                config=config)
+
