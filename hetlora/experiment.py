@@ -63,7 +63,7 @@ class Experiment:
     train: tokenized training columns ``{name: [N, L]}`` (``label: int32[N]`` for classifiers).
     test: tokenized test columns.
     partition: per-client index arrays into ``train``.
-    public: ``{'batch': [steps, B, ...], 'mask': [steps, B]}`` or ``None`` (HeLoRA-KD).
+    public: ``{'batch': [steps, B, ...], 'mask': [steps, B]}`` or ``None`` (for server-side distillation).
     steps: local steps per round (fixed for the run, so shapes never change).
     label_names: class names (empty for language models).
   """
@@ -135,7 +135,7 @@ def load_sources(config: ml_collections.ConfigDict):
   """Untokenized ``(train, test, public or None)`` data sets of ``config.data``.
 
   ``max_train_examples`` / ``max_test_examples`` take seeded subsamples; the
-  public set (``public_examples``, HeLoRA-KD) is held out of the training set,
+  public set (``public_examples``, for server-side distillation) is held out of the training set,
   so it is disjoint from every client.
   """
   d = config.data

@@ -105,8 +105,8 @@ def make_round(spec: client_lib.LocalSpec, method: methods_lib.Method,
   Returns:
     ``round_fn`` returning the new state and the stacked :class:`ClientResult`.
     ``key`` (a PRNG key) is required when ``method.needs_key`` (fresh client
-    adapters, FLoRA); ``public`` (``{'batch': [steps, B, ...], 'mask': [steps,
-    B]}``) when ``method.needs_public`` (HeLoRA-KD).
+    adapters); ``public`` (``{'batch': [steps, B, ...], 'mask': [steps,
+    B]}``) when ``method.needs_public`` (server-side distillation).
   """
   if isinstance(backend, str):
     train = client_lib.make_backend(backend, dataclasses.replace(spec, local=method.local))

@@ -11,6 +11,9 @@ and runs ``config.server.rounds`` rounds. It writes to ``workdir``:
 - ``summary.json`` and ``plots.png`` (accuracy vs round, rank distribution);
 - ``tensorboard/`` when ``config.tensorboard`` is set.
 
+Under ``jax.distributed`` every process runs the rounds and saves its part
+of each checkpoint; only process 0 writes the metrics, summary and plots.
+
 Restarting with the same ``workdir`` resumes from the last checkpoint; the
 client sampler, data order and PRNG keys are pure functions of
 ``(seed, round)``, so a resumed run ends with the same numbers as an
@@ -46,7 +49,7 @@ def make_evaluator(exp: experiment_lib.Experiment) -> Callable[[server.ServerSta
   a classifier; token loss and accuracy for a language model, plus
   ``test_perplexity``), each ``sum / weight`` over the test set. The method's
   ``global_adapters`` gives the ``G`` models to evaluate (one for most
-  methods, one per rank group for HeLoRA-KD) on its ``effective_base``; with
+  methods, one per rank group for methods that keep several) on its ``effective_base``; with
   ``G > 1`` the mean is reported beside ``test_<metric>_by_group``.
   """
   alpha, rule = exp.config.lora.alpha, exp.config.lora.scale_rule
@@ -112,6 +115,11 @@ def _read_metrics(path: Path, upto_round: int) -> list[dict[str, Any]]:
   return [row for row in rows if row["round"] <= upto_round]
 
 
+def is_writer() -> bool:
+  """Process 0 writes metrics, summary and plots (one process of a ``jax.distributed`` run)."""
+  return jax.process_index() == 0
+
+
 def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       (workdir / "checkpoints").resolve(),
@@ -127,9 +135,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
   written (the round's checkpoint, if due, is saved before).
   """
   workdir = Path(workdir)
+  writes = is_writer()
   workdir.mkdir(parents=True, exist_ok=True)
   exp = experiment_lib.build(config)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  if writes:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   evaluate = make_evaluator(exp)
   manager = _checkpoint_manager(workdir, config)
   state = exp.init_state
@@ -138,8 +148,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     state = manager.restore(start, args=ocp.args.StandardRestore(state))
   metrics_path = workdir / METRICS_FILE
   history = _read_metrics(metrics_path, start)
-  metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
-  writer = _tensorboard(workdir) if config.get("tensorboard", False) else None
+  if writes:
+    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+  writer = _tensorboard(workdir) if writes and config.get("tensorboard", False) else None
   rounds, n_clients, per_round = config.server.rounds, config.data.num_clients, config.server.clients_per_round
   run_key = jax.random.key(config.seed + 1)
   bar = tqdm.trange(start, rounds, initial=start, total=rounds, disable=not progress, desc="rounds")
@@ -153,8 +164,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
     record = _round_record(exp, r, cohort, result, n, time.perf_counter() - t0)
     if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
       record.update(evaluate(state))
-    with metrics_path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    if writes:
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
     history.append(record)
     if writer is not None:
       for k, v in record.items():
@@ -170,9 +182,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
       on_round_end(r + 1, record)
   manager.close()
   summary = _summary(config, exp, state, history)
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  plot(history, np.asarray(exp.init_state.client_ranks), np.asarray(state.client_ranks),
-       workdir / "plots.png", title=f"{config.method.name} on {config.data.source}")
+  if writes:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(history, np.asarray(exp.init_state.client_ranks), np.asarray(state.client_ranks),
+         workdir / "plots.png", title=f"{config.method.name} on {config.data.source}")
   return summary
 
 

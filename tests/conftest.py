@@ -14,6 +14,13 @@ hypothesis.settings.load_profile("ci")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+# Tests that need 8 devices run in one subprocess with forced host devices (tests/test_eight_devices.py);
+# in the parent they skip, so the rest of the suite keeps its single device.
+EIGHT_DEVICE_CHILD = os.environ.get("HETLORA_EIGHT_DEVICE_CHILD") == "1"
+needs_eight_devices = pytest.mark.skipif(not EIGHT_DEVICE_CHILD,
+                                         reason="runs in the 8-device subprocess of test_eight_devices.py")
+single_device = pytest.mark.skipif(EIGHT_DEVICE_CHILD, reason="ran in the parent process")
+
 
 @pytest.fixture(scope="session")
 def shared_dir():

@@ -369,9 +369,10 @@ def test_extractor_catches_wrong_paths(config_paths):
 
 def test_config_path_rules(config_paths):
   ok = ["model.max_len", "data.source_kwargs", "data.source_kwargs.data_dir", "data.test_kwargs.split",
-        "client.chunk_size", "client.pruning.lam", "lora.r_max", "eval.every", "method.kwargs"]
+        "client.chunk_size", "method.kwargs.lam", "lora.r_max", "eval.every", "method.kwargs"]
   bad = ["data.max_len", "data.split", "data.data_dir", "data.path", "client.chunk_size.x",
-         "data.source_kwargs.nope", "data.source_kwargs.path.x", "model.nope", "method.nope"]
+         "data.source_kwargs.nope", "data.source_kwargs.path.x", "model.nope", "method.nope",
+         "method.kwargs.nope", "client.pruning.lam"]
   assert [p for p in ok if not config_paths.exists(p)] == []
   assert [p for p in bad if config_paths.exists(p)] == []
   assert PATH_RE.findall("set config.model.max_len.") == ["model.max_len"]

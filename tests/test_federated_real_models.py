@@ -73,19 +73,18 @@ def test_smollm2_natinst_hetlora_loss_falls(shared_dir):
   path = files.resolve("smollm2-135m-instruct")
   cfg, params = gguf_loading.load(path)
   tok = gguf_tokenizer.tokenizer_from_gguf(path)
-  tasks = ["subtask033_winogrande_answer_generation", "subtask041_qasc_answer_generation",
-           "subtask045_miscellaneous_sentence_paraphrasing"]
-  ds = data_lib.natinst(shared_dir / "data" / "natinst", tasks=tasks, split="train", max_per_task=12)
+  tasks = ["subtask033_winogrande_answer_generation", "subtask041_qasc_answer_generation"]
+  ds = data_lib.natinst(shared_dir / "data" / "natinst", tasks=tasks, split="train", max_per_task=8)
 
   def encode(texts):
     return {"input_ids": [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]}
 
-  cols = data_lib.tokenize_prompts(ds, encode, 96, pad_id=cfg.eos_id if hasattr(cfg, "eos_id") else 0)
+  cols = data_lib.tokenize_prompts(ds, encode, 64, pad_id=cfg.eos_id if hasattr(cfg, "eos_id") else 0)
   cols.pop("task_id")
   partition = data_lib.natural(ds.task_ids)
   model = llama.Llama(cfg)
   before, after = _federate(lm_tasks.causal_lm_loss(model), params, cols, partition,
-                            r"attn/(q_proj|v_proj)/kernel$", 8, lr=2e-3, k=3, steps=2, batch=2)
+                            r"attn/(q_proj|v_proj)/kernel$", 4, lr=2e-3, k=2, steps=2, batch=2)
   assert after < before - 0.05, (before, after)
 
 

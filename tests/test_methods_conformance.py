@@ -4,7 +4,7 @@ A new module in ``hetlora/methods/`` is tested here the moment it exists:
 masked slots stay exactly zero, aggregation is the identity on a consensus
 (equal ranks, equal updates: the homogeneous fixed point), one compilation
 across rank changes, vmap == sequential == chunked == sharded (8 simulated
-devices, in a subprocess), determinism, a zero-example client has no weight
+devices, in the subprocess of ``test_eight_devices.py``), determinism, a zero-example client has no weight
 and causes no NaN, and invalid ranks are refused. Each method's formulas are
 checked against plain numpy in its own ``test_methods_<name>.py``.
 """
@@ -12,9 +12,6 @@ checked against plain numpy in its own ``test_methods_<name>.py``.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +26,8 @@ from hetlora import parallel
 from hetlora import server
 from hetlora.models import tiny
 
-CHILD = os.environ.get("HETLORA_CONFORMANCE_CHILD") == "1"
+from conftest import needs_eight_devices, single_device
+
 K, STEPS, B, D_IN, CLASSES, R_MAX = 4, 2, 4, 5, 3, 4
 MIXED, EQUAL = np.array([1, 2, 4, 4], np.int32), np.array([2, 2, 2, 2], np.int32)
 ALPHA, RULE = 8.0, "alpha/r"
@@ -37,8 +35,6 @@ ALPHA, RULE = 8.0, "alpha/r"
 # leaves its aggregation to be checked like every other method's.
 CONSENSUS_OPTIONS = {"helora_kd": {"epochs": 0}}
 
-needs_devices = pytest.mark.skipif(not CHILD, reason="runs in the 8-device subprocess")
-single_device = pytest.mark.skipif(CHILD, reason="ran in the parent process")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,18 +215,7 @@ def test_invalid_ranks_are_refused(name):
       server.init(p.global_lora, np.array(bad), p.method)
 
 
-@single_device
-def test_eight_device_suite():
-  """Runs this file's sharded tests in a fresh process with 8 forced host devices."""
-  flags = "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, HETLORA_CONFORMANCE_CHILD="1", JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "sharded",
-                         __file__], env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert f"{len(NAMES)} passed" in proc.stdout, proc.stdout[-2000:]
-
-
-@needs_devices
+@needs_eight_devices
 @pytest.mark.parametrize("name", NAMES)
 def test_sharded_equals_vmap(name):
   assert jax.device_count() == 8

@@ -2,14 +2,14 @@
 
 Multi-device tests need 8 CPU devices, which XLA creates only if
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set before JAX
-starts. ``test_multi_device_suite`` therefore re-runs this file under pytest
-in a subprocess with that flag (and ``HETLORA_PARALLEL_CHILD=1``); in the
-parent process the 8-device tests skip, so the rest of the suite keeps its
-single device.
+starts: ``tests/test_eight_devices.py`` runs them in one subprocess with that
+flag; in the parent process they skip.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -20,9 +20,6 @@ import numpy as np
 import optax
 import pytest
 
-import dataclasses
-import inspect
-
 from hetlora import client as client_lib
 from hetlora import lora as lora_lib
 from hetlora import memory
@@ -32,27 +29,11 @@ from hetlora import server
 from hetlora.methods import hetlora as hetlora_method
 from hetlora.models import tiny
 
-CHILD = os.environ.get("HETLORA_PARALLEL_CHILD") == "1"
-NUM_DEVICES = 8
+from conftest import needs_eight_devices, single_device
+
 K, STEPS, B, D_IN, R_MAX = 11, 3, 4, 6, 8
 TOL = 1e-6
-
-needs_devices = pytest.mark.skipif(
-    not CHILD, reason="runs in the 8-device subprocess of test_multi_device_suite")
-single_device = pytest.mark.skipif(CHILD, reason="ran in the parent process")
-
-
-def test_multi_device_suite():
-  """Runs the 8-device tests of this file in a fresh process with forced host devices."""
-  if CHILD:
-    pytest.skip("already the 8-device child")
-  flags = f"--xla_force_host_platform_device_count={NUM_DEVICES} " + os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, HETLORA_PARALLEL_CHILD="1", JAX_PLATFORMS="cpu",
-             JAX_NUM_CPU_DEVICES=str(NUM_DEVICES), XLA_FLAGS=flags.strip())
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert " passed" in proc.stdout, proc.stdout[-2000:]
+NUM_DEVICES = 8
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -165,13 +146,13 @@ def test_maybe_initialize_distributed_single_process(monkeypatch):
 # ----------------------------------------------------------------------------- 8 devices
 
 
-@needs_devices
+@needs_eight_devices
 def test_has_eight_devices():
   assert jax.device_count() == NUM_DEVICES
   assert jax.config.jax_threefry_partitionable
 
 
-@needs_devices
+@needs_eight_devices
 @pytest.mark.parametrize("n_dev,chunk", [(8, None), (3, None), (4, 2)])
 def test_sharded_equals_vmap(problem, reference, n_dev, chunk):
   spec, base, glob, ranks, data = problem
@@ -182,7 +163,7 @@ def test_sharded_equals_vmap(problem, reference, n_dev, chunk):
   _assert_close(got, reference)
 
 
-@needs_devices
+@needs_eight_devices
 def test_sharded_inputs_are_split_over_clients(problem):
   spec, base, glob, ranks, data = problem
   mesh = parallel.client_mesh()
@@ -194,12 +175,12 @@ def test_sharded_inputs_are_split_over_clients(problem):
   assert again["head"]["kernel"] is base_r["head"]["kernel"]  # already placed: no copy
 
 
-@needs_devices
 SHARED_SIGNATURE = [n for n in methods.names()
                     if list(inspect.signature(methods.module(n).aggregate).parameters)[:4]
                     == ["lora", "ranks", "num_examples", "scales"]]
 
 
+@needs_eight_devices
 @pytest.mark.parametrize("name", SHARED_SIGNATURE)
 def test_aggregators_on_sharded_arrays(problem, reference, name):
   """Every method's aggregator gives the same global adapter from sharded inputs."""
@@ -224,7 +205,7 @@ def test_aggregators_on_sharded_arrays(problem, reference, name):
     assert "all-reduce" in hlo  # partial sums per device, then one all-reduce
 
 
-@needs_devices
+@needs_eight_devices
 def test_round_sharded_equals_vmap_and_sequential(problem):
   """One full server round (mixed ranks, K=11, pruning) with every backend."""
   spec, base, glob, ranks, data = problem

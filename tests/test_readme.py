@@ -1,12 +1,30 @@
-"""The README's library example runs as written."""
+"""The README's library examples run as written, and CI runs the README's test command."""
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def test_readme_library_example_runs(capsys):
-  code = re.search(r"## The library in a few lines\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
-  exec(compile(code, str(README), "exec"), {})
+def _section(title: str) -> str:
+  text = README.read_text()
+  start = text.index(f"## {title}\n")
+  end = text.find("\n## ", start + 1)
+  return text[start:end if end > 0 else None]
+
+
+def test_readme_library_examples_run(capsys):
+  blocks = re.findall(r"```python\n(.*?)```", _section("The library in a few lines"), re.S)
+  assert len(blocks) >= 2
+  for code in blocks:
+    namespace = {}
+    exec(compile(code, str(README), "exec"), namespace)
   assert "[" in capsys.readouterr().out
+  assert namespace["new_global"]["q"]["a"].shape == (8, 4)
+
+
+def test_ci_runs_the_readme_test_command():
+  commands = re.findall(r"^bash launch/setup\.sh && (.*pytest.*)$", _section("Two commands"), re.M)
+  assert len(commands) == 1
+  assert commands[0] in (ROOT / ".ci" / "run").read_text()

@@ -94,6 +94,13 @@ def test_flexlora_run_bounds_its_svd_core_by_the_client_ranks(tmp_path, tiny):
   assert summary["rounds"] == 2 and 0.0 <= summary["final_test_accuracy"] <= 1.0
 
 
+def test_only_process_0_writes_metrics_and_plots(tmp_path, tiny, monkeypatch):
+  monkeypatch.setattr(trainer, "is_writer", lambda: False)
+  trainer.run(tiny(**{"server.rounds": 2}), tmp_path, progress=False)
+  assert (tmp_path / "checkpoints").is_dir()
+  assert not any((tmp_path / f).exists() for f in ("metrics.jsonl", "summary.json", "plots.png", "config.json"))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("method.name", "fedprox", "method.name"),
     ("data.source", "imagenet", "data.source"),
