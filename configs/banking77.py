@@ -35,7 +35,7 @@ def get_config(arg=None):
   c = common.base()
   c.data.source = "banking77"
   if a.data_dir:
-    c.data.source_kwargs = {"data_dir": a.data_dir}
+    c.data.source_kwargs.data_dir = a.data_dir
   c.data.num_clients = 30
   c.data.dirichlet_alpha = a.alpha
   c.data.min_client_size = 2

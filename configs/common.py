@@ -6,6 +6,35 @@ big_vision-style variant string of ``get_config(arg)``.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+# Every option of every data source (the keyword parameters of hetlora.data.SOURCES), declared in
+# data.source_kwargs and data.test_kwargs with the value None = "not set" (the source's default), so
+# --config.data.source_kwargs.path=train.csv works and a misspelt option is refused.
+# tests/test_data_trust.py checks this table against the sources.
+SOURCE_OPTIONS = {
+    "path": str,            # csv / jsonl / tweets: the data file (.csv, .jsonl; .gz is read directly)
+    "text_column": str,     # csv / jsonl: the text column (default "text")
+    "label_column": str,    # csv / jsonl: the label column (default "label")
+    "label_names": tuple,   # csv / jsonl: class names in id order (default: the sorted training labels)
+    "encoding": str,        # csv / jsonl: the file's encoding (default "utf-8"; e.g. "latin-1", "cp1252")
+    "data_dir": str,        # banking77 / tfds / natinst: the data directory
+    "split": str,           # banking77 / tweets / tfds / natinst (default "train"; test data "test")
+    "test_fraction": float,  # tweets / natinst: the share of the data held out as the test split
+    "seed": int,            # tweets / natinst: the seed of that split
+    "name": str,            # tfds: the dataset name, e.g. "imdb_reviews"
+    "text_key": str,        # tfds: the text feature (default "text")
+    "label_key": str,       # tfds: the label feature (default "label")
+    "tasks": tuple,         # natinst: task names (file stems); default all
+    "max_per_task": int,    # natinst: at most this many examples per task
+}
+
+
+def source_options(**values):
+  """A ConfigDict of every :data:`SOURCE_OPTIONS` field (``None`` = not set), ``values`` set."""
+  out = ml_collections.ConfigDict({k: placeholder(t) for k, t in SOURCE_OPTIONS.items()})
+  out.update(values)
+  return out
 
 
 def parse_arg(arg, **defaults):
@@ -35,8 +64,10 @@ def base():
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tweets"            # 'tweets' | 'banking77' | 'csv' | 'jsonl' | 'tfds'
-  c.data.source_kwargs = ml_collections.ConfigDict()  # e.g. data_dir, path, text_column, label_column
-  c.data.test_kwargs = ml_collections.ConfigDict()    # overrides for the test data, e.g. path of a test CSV
+  c.data.source_kwargs = source_options()  # the source's options (SOURCE_OPTIONS above; None = not set)
+  c.data.test_kwargs = source_options()    # options that differ for the test data, e.g. path of a test CSV
+                                           # (set ones override source_kwargs); update these fields,
+                                           # e.g. c.data.source_kwargs.update(path=...), don't assign a dict
   c.data.partition = "dirichlet"      # 'dirichlet' | 'iid' | 'shards' | 'natural' (one client per task)
   c.data.num_clients = 20
   c.data.dirichlet_alpha = 0.5
@@ -69,10 +100,17 @@ def base():
   c.client.local_steps = 10
   c.client.backend = "vmap"           # 'vmap' | 'sequential' | 'chunked' | 'sharded' (clients over devices)
   c.client.chunk_size = 0             # clients per chunk ('chunked'; optional for 'sharded')
+  c.client.clip_norm = 0.0            # clip each client's factor update to this norm (0 = off; DP needs it)
 
   c.server = ml_collections.ConfigDict()
   c.server.rounds = 10
   c.server.clients_per_round = 5
+  c.server.max_update_norm = 1e3      # exclude an upload whose factor update norm exceeds this (0 = no
+                                      # bound); non-finite uploads are always excluded
+
+  c.privacy = ml_collections.ConfigDict()  # client-level DP-FedAvg (homlora, zero_pad, ffa_lora)
+  c.privacy.noise_multiplier = 0.0    # z: noise std z * client.clip_norm / K on the average (0 = off)
+  c.privacy.delta = 1e-5              # epsilon is reported at this delta
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 1

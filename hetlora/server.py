@@ -9,12 +9,16 @@ any rank change in local training) and the round counter. One round::
     base   = method.effective_base(state, W0)
     client = method.distribute(state, ranks, s(ranks), key)   [K, ..., r_max]
     result = train(base, client, ranks, data)                 (vmap over K)
-    agg    = method.aggregate(result.lora, result.rank, n_k, s_k)
-    state  = method.server_update(state, agg, result.rank, base, public)
-    client_ranks[cohort] = result.rank
+    upload, included = screen(client, result)                 (exclude broken, clip)
+    agg    = method.aggregate(upload, rank, n_k * included, s_k)   (+ DP noise)
+    state  = method.server_update(state, agg, rank, base, public)   (kept if none included)
+    client_ranks[cohort] = rank
 
 Everything method-specific comes from a :class:`hetlora.methods.Method`;
-this module names no method. The model enters only through the client's
+this module names no method. Uploads are screened first
+(:mod:`hetlora.screening`): a non-finite or out-of-bound update is excluded
+(no weight, the client keeps its rank), and with client-level DP
+(:mod:`hetlora.privacy`) the average is uniform and noised. The model enters only through the client's
 ``loss_fn``; data through ``data: {'batch': [K, steps, B, ...], 'mask': [K,
 steps, B]}`` packed on the host. With the ``vmap`` backend the whole round is
 one jitted program whose shapes do not depend on ranks, so rank changes never
@@ -36,6 +40,8 @@ import numpy as np
 from hetlora import client as client_lib
 from hetlora import lora as lora_lib
 from hetlora import methods as methods_lib
+from hetlora import privacy as privacy_lib
+from hetlora import screening as screening_lib
 
 
 @flax.struct.dataclass
@@ -86,7 +92,9 @@ def sample_cohort(seed: int, round_index: int, num_clients: int, per_round: int)
 
 
 def make_round(spec: client_lib.LocalSpec, method: methods_lib.Method,
-               backend: str | Callable[..., client_lib.ClientResult] = "vmap"
+               backend: str | Callable[..., client_lib.ClientResult] = "vmap",
+               screening: screening_lib.Screening = screening_lib.Screening(),
+               privacy: privacy_lib.Privacy | None = None,
                ) -> Callable[..., tuple[ServerState, client_lib.ClientResult]]:
   """Builds ``round_fn(state, base_params, cohort, data, num_examples, key=None, public=None)``.
 
@@ -101,13 +109,27 @@ def make_round(spec: client_lib.LocalSpec, method: methods_lib.Method,
       from :func:`hetlora.client.local_train` (then the round is not jitted
       here; the callable jits its own work, and its spec's ``local`` must be
       ``method.local``).
+    screening: the bounds uploads are screened with (non-finite uploads are
+      always excluded).
+    privacy: client-level DP (uniform average, clipped updates, Gaussian noise;
+      needs ``method.dp_linear``, a ``key`` and ``screening.clip_norm``), or ``None``.
 
   Returns:
-    ``round_fn`` returning the new state and the stacked :class:`ClientResult`.
+    ``round_fn`` returning the new state and the stacked :class:`ClientResult`
+    (``lora`` the screened uploads, ``rank`` the clients' new ranks,
+    ``included`` which uploads counted).
     ``key`` (a PRNG key) is required when ``method.needs_key`` (fresh client
     adapters); ``public`` (``{'batch': [steps, B, ...], 'mask': [steps,
     B]}``) when ``method.needs_public`` (server-side distillation).
   """
+  if privacy is not None:
+    if not method.dp_linear:
+      raise ValueError(f"privacy.noise_multiplier > 0: client-level DP is defined for methods whose "
+                       f"aggregate is a plain average of the clients' factors (Method.dp_linear), not "
+                       f"{method.name!r}; set privacy.noise_multiplier=0 or choose such a method.name.")
+    if screening.clip_norm != privacy.clip_norm:
+      raise ValueError(f"client.clip_norm={screening.clip_norm} must be the DP clip norm "
+                       f"{privacy.clip_norm}: both bound the same updates.")
   if isinstance(backend, str):
     train = client_lib.make_backend(backend, dataclasses.replace(spec, local=method.local))
   elif spec.local != method.local:
@@ -128,12 +150,25 @@ def make_round(spec: client_lib.LocalSpec, method: methods_lib.Method,
     start = method.distribute(state.method_state, ranks,
                               lora_lib.scale(ranks, spec.alpha, spec.scale_rule, r_max), key)
     result = train(base, start, ranks, data)
-    scales = lora_lib.scale(result.rank, spec.alpha, spec.scale_rule, r_max)
-    aggregated = method.aggregate(result.lora, result.rank, jnp.asarray(num_examples, jnp.float32), scales)
+    uploads, included, _ = screening_lib.screen(screening, start, result.lora, result.loss)
+    rank = jnp.where(included, result.rank, ranks)
+    weights = included.astype(jnp.float32)
+    if privacy is None:
+      weights = weights * jnp.asarray(num_examples, jnp.float32)
+    scales = lora_lib.scale(rank, spec.alpha, spec.scale_rule, r_max)
+    aggregated = method.aggregate(uploads, rank, weights, scales)
+    if privacy is not None:
+      if key is None:
+        raise ValueError("client-level DP draws noise: pass round_fn(..., key=...).")
+      aggregated = privacy_lib.add_noise(privacy, aggregated, jnp.sum(included), method.local.trainable,
+                                         jax.random.fold_in(key, 1))
+    updated = method.server_update(state.method_state, aggregated, rank, base, public)
+    any_included = jnp.any(included)
     new_state = state.replace(
-        method_state=method.server_update(state.method_state, aggregated, result.rank, base, public),
-        client_ranks=state.client_ranks.at[cohort].set(result.rank),
+        method_state=jax.tree.map(lambda new, old: jnp.where(any_included, new, old),
+                                  updated, state.method_state),
+        client_ranks=state.client_ranks.at[cohort].set(rank),
         round=state.round + 1)
-    return new_state, result
+    return new_state, result.replace(lora=uploads, rank=rank, included=included)
 
   return jax.jit(round_fn) if backend == "vmap" else round_fn

@@ -8,6 +8,9 @@ and runs ``config.server.rounds`` rounds. It writes to ``workdir``:
   wall-clock fields live under ``"time"``);
 - ``checkpoints/``: orbax checkpoints of the server state every
   ``config.checkpoint_every`` rounds and at the end;
+- ``data_stats.json``: examples, truncated and empty examples and label counts
+  per split and per client (:func:`hetlora.data.statistics`; printed at the
+  start of a run with a progress bar);
 - ``summary.json`` and ``plots.png`` (accuracy vs round, rank distribution);
 - ``tensorboard/`` when ``config.tensorboard`` is set.
 
@@ -17,16 +20,30 @@ of each checkpoint; only process 0 writes the metrics, summary and plots.
 Restarting with the same ``workdir`` resumes from the last checkpoint; the
 client sampler, data order and PRNG keys are pure functions of
 ``(seed, round)``, so a resumed run ends with the same numbers as an
-uninterrupted one.
+uninterrupted one. The workdir is guarded by :mod:`hetlora.workdir`: one run
+at a time (a lock naming its holder), a resume only of the same experiment
+(``identity.json``), nothing left behind by a run that fails before its
+first round. A newest checkpoint that cannot be read (truncated, missing or
+garbage files) is reported in one line and set aside as
+``checkpoints/<step>.corrupt``; the run resumes from the newest one that
+restores, with ``metrics.jsonl`` cut back to it. Files are replaced
+atomically, so a kill at any moment leaves a resumable workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging as py_logging
+import re
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,9 +54,12 @@ import tqdm
 from hetlora import data as data_lib
 from hetlora import experiment as experiment_lib
 from hetlora import lora as lora_lib
+from hetlora import privacy as privacy_lib
 from hetlora import server
+from hetlora import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
+DATA_STATS_FILE = "data_stats.json"
 
 
 def make_evaluator(exp: experiment_lib.Experiment) -> Callable[[server.ServerState], dict[str, float]]:
@@ -92,9 +112,25 @@ def _round_record(exp, r, cohort, result, n, seconds) -> dict[str, Any]:
   examples = np.asarray(result.examples)
   losses = np.asarray(result.loss)
   ranks = np.asarray(result.rank)
+  included = np.asarray(result.included, bool)
+  excluded = [int(c) for c in np.asarray(cohort)[~included]]
+  if excluded:
+    logging.warning("round %d: excluded the uploads of clients %s (non-finite, or factor update norm "
+                    "above server.max_update_norm=%g); the round aggregates the other %d.",
+                    r + 1, excluded, exp.config.server.max_update_norm, int(included.sum()))
+  kept = np.where(included, examples, 0.0)
+  privacy = experiment_lib.make_privacy(exp.config)
+  dp = {}
+  if privacy is not None:
+    rate = exp.config.server.clients_per_round / exp.config.data.num_clients
+    dp = {"dp_epsilon": privacy_lib.epsilon(privacy.noise_multiplier, rate, r + 1, privacy.delta),
+          "dp_delta": privacy.delta}
   return {
       "round": r + 1,
-      "train_loss": float(np.sum(losses * examples) / max(examples.sum(), 1.0)),
+      "train_loss": float(np.sum(np.where(included, losses, 0.0) * kept) / max(kept.sum(), 1.0)),
+      "excluded": len(excluded),
+      "excluded_clients": excluded,
+      **dp,
       "mean_rank": float(ranks.mean()),
       "comm_params": _comm_params(exp, ranks),
       "client_ids": cohort.tolist(),
@@ -109,9 +145,17 @@ def _round_record(exp, r, cohort, result, n, seconds) -> dict[str, Any]:
 
 
 def _read_metrics(path: Path, upto_round: int) -> list[dict[str, Any]]:
+  """The rows of rounds ``<= upto_round``; a last line cut short by a kill is dropped."""
   if not path.exists():
     return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i + 1 < len(lines):
+        raise ValueError(f"{path} line {i + 1} is not JSON; repair or remove that line to resume.") from None
   return [row for row in rows if row["round"] <= upto_round]
 
 
@@ -126,64 +170,182 @@ def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=config.get("checkpoints_to_keep", 2), create=True))
 
 
+def _restore(workdir: Path, config, state, writes: bool):
+  """``(manager, step, state)`` from the newest checkpoint that restores (``(manager, 0, state)`` if none).
+
+  An unreadable step (truncated, missing or garbage files) is reported in one
+  line and set aside as ``checkpoints/<step>.corrupt``; the next older one is
+  tried. If every step fails, nothing is set aside and a ``RuntimeError``
+  lists them (a checkpoint of another code version is not corruption).
+  """
+  directory = (workdir / "checkpoints").resolve()
+  if writes and directory.is_dir():   # saves a kill cut short (orbax renames a step dir into place when done)
+    for tmp in directory.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(tmp, ignore_errors=True)
+  failed: list[tuple[int, str]] = []
+  step, restored = 0, state
+  with _quiet_orbax():
+    manager = _checkpoint_manager(workdir, config)
+    for candidate in sorted(manager.all_steps(), reverse=True):
+      try:
+        restored, step = manager.restore(candidate, args=ocp.args.StandardRestore(state)), candidate
+        break
+      except Exception as e:  # noqa: BLE001 -- any failure to read a step: try the previous one
+        failed.append((candidate, _unreadable_reason(directory / str(candidate), e)))
+        gc.collect()   # its abandoned reads report now, into _drop_abandoned_read_errors
+        manager.close()
+        manager = _checkpoint_manager(workdir, config)   # a failed restore can leave the manager's mode set
+  if not failed:
+    return manager, step, restored
+  manager.close()
+  if not step:
+    listed = "; ".join(f"step {s}: {reason}" for s, reason in failed)
+    raise RuntimeError(f"no checkpoint in {directory} can be restored ({listed}). If they come from another "
+                       "hetlora version, resume with that version, or pass a new --workdir.")
+  for bad, reason in failed:
+    path, aside = directory / str(bad), directory / f"{bad}.corrupt"
+    if writes:   # kept for inspection; orbax ignores the name
+      shutil.rmtree(aside, ignore_errors=True)
+      path.rename(aside)
+    logging.warning("checkpoint %s is unreadable (%s); %sresuming from step %d", path, reason,
+                    f"set aside as {aside.name}, " if writes else "", step)
+  with _quiet_orbax():
+    return _checkpoint_manager(workdir, config), step, restored   # without the set-aside steps
+
+
+def _unreadable_reason(step_dir: Path, error: Exception) -> str:
+  """A short cause: missing files of orbax's layout first, then the error without TensorStore's spec dump."""
+  if step_dir.is_dir() and not any(step_dir.iterdir()):
+    return "the directory is empty"
+  missing = [n for n in ("_CHECKPOINT_METADATA", "default/_METADATA", "default/manifest.ocdbt")
+             if not (step_dir / n).exists()]
+  text = str(error).splitlines()[0] if str(error) else ""
+  text = text.split(" [tensorstore_spec")[0].replace(f"{step_dir}/", "")
+  code = re.match(r"[A-Z_]+: ", text)
+  if "Error " in text:   # TensorStore chains causes: "Error opening ...: Error reading ...: <cause>"
+    text = (code.group(0) if code else "") + text[text.rindex("Error "):]
+  text = f"{type(error).__name__}: {text}"[:300]
+  return f"missing {', '.join(missing)}; {text}" if missing else text
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Silences orbax's (absl) log records while trying a restore: our one line says what failed."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _abandoned_read(message: str) -> bool:
+  return "Task exception was never retrieved" in message and "async_deserialize" in message
+
+
+@contextlib.contextmanager
+def _drop_abandoned_read_errors():
+  """Drops the echoes of a failed restore's other reads, which TensorStore and asyncio report late.
+
+  ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook`` and
+  asyncio's "Task exception was never retrieved" for orbax's
+  ``async_deserialize``; every other error is reported as before.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  def drop(record):
+    return not _abandoned_read(record.getMessage())
+
+  asyncio_logger = py_logging.getLogger("asyncio")
+  sys.unraisablehook = hook
+  asyncio_logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+    asyncio_logger.removeFilter(drop)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path,
         on_round_end: Callable[[int, dict[str, Any]], None] | None = None,
         progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes) the experiment of ``config`` in ``workdir``; returns the summary.
 
   ``on_round_end(round, record)`` is called after each round's metrics are
-  written (the round's checkpoint, if due, is saved before).
+  written (the round's checkpoint, if due, is saved before). The experiment
+  is built (and the config validated) before the workdir is created; the
+  workdir is locked, its run identity checked and a failed start cleaned up
+  by :func:`hetlora.workdir.open_run`.
   """
-  workdir = Path(workdir)
-  writes = is_writer()
-  workdir.mkdir(parents=True, exist_ok=True)
   exp = experiment_lib.build(config)
-  if writes:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  identity = workdir_lib.identity(config, exp)
+  writes = is_writer()
+  config_json = config.to_json_best_effort(indent=2)
+  with workdir_lib.open_run(workdir, identity, config_json, writer=writes) as run_dir, \
+      _drop_abandoned_read_errors():
+    return _train(config, exp, run_dir, writes, on_round_end, progress)
+
+
+def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end, progress) -> dict[str, Any]:
+  workdir = run_dir.path
   evaluate = make_evaluator(exp)
-  manager = _checkpoint_manager(workdir, config)
-  state = exp.init_state
-  start = manager.latest_step() or 0
-  if start:
-    state = manager.restore(start, args=ocp.args.StandardRestore(state))
-  metrics_path = workdir / METRICS_FILE
-  history = _read_metrics(metrics_path, start)
-  if writes:
-    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
-  writer = _tensorboard(workdir) if writes and config.get("tensorboard", False) else None
-  rounds, n_clients, per_round = config.server.rounds, config.data.num_clients, config.server.clients_per_round
-  run_key = jax.random.key(config.seed + 1)
-  bar = tqdm.trange(start, rounds, initial=start, total=rounds, disable=not progress, desc="rounds")
-  for r in bar:
-    cohort = server.sample_cohort(config.seed, r, n_clients, per_round)
-    data, n = experiment_lib.cohort_data(exp, cohort, r)
-    t0 = time.perf_counter()
-    state, result = exp.round_fn(state, exp.base_params, cohort, data, n,
-                                 key=jax.random.fold_in(run_key, r), public=exp.public)
-    jax.block_until_ready(state)
-    record = _round_record(exp, r, cohort, result, n, time.perf_counter() - t0)
-    if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
-      record.update(evaluate(state))
+  rounds, n_clients = config.server.rounds, config.data.num_clients
+  per_round = config.server.clients_per_round
+  manager, start, state = _restore(workdir, config, exp.init_state, writes)
+  with contextlib.closing(manager):   # also on an exception: orbax's threads finish first
+    if start > rounds:
+      raise ValueError(f"server.rounds={rounds} is below the {start} rounds {workdir} already holds; "
+                       f"set server.rounds >= {start} to resume, or pass a new --workdir.")
+    metrics_path = workdir / METRICS_FILE
+    history = _read_metrics(metrics_path, start)
     if writes:
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    history.append(record)
-    if writer is not None:
-      for k, v in record.items():
-        if isinstance(v, float):
-          writer.add_scalar(k, v, r + 1)
-    if (r + 1) % config.checkpoint_every == 0 or r + 1 == rounds:
-      manager.save(r + 1, args=ocp.args.StandardSave(state))
-      manager.wait_until_finished()
-    bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                    test=f"{history_last(history, headline_metric(history)):.3f}",
-                    clients_s=f"{record['time']['clients_per_s']:.2f}")
-    if on_round_end is not None:
-      on_round_end(r + 1, record)
-  manager.close()
+      workdir_lib.atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
+      if [row["round"] for row in history] != list(range(1, start + 1)):
+        logging.warning("%s holds rounds %s but the checkpoint is at round %d; the summary lacks the others",
+                        metrics_path, [row["round"] for row in history], start)
+    writer = _tensorboard(workdir) if writes and config.get("tensorboard", False) else None
+    if writes:
+      stats = data_lib.statistics(exp)
+      workdir_lib.atomic_write_text(workdir / DATA_STATS_FILE, json.dumps(stats, indent=2))
+      if progress:
+        print(data_lib.format_statistics(stats), flush=True)
+    run_key = jax.random.key(config.seed + 1)
+    bar = tqdm.trange(start, rounds, initial=start, total=rounds, disable=not progress, desc="rounds")
+    for r in bar:
+      cohort = server.sample_cohort(config.seed, r, n_clients, per_round)
+      data, n = experiment_lib.cohort_data(exp, cohort, r)
+      t0 = time.perf_counter()
+      state, result = exp.round_fn(state, exp.base_params, cohort, data, n,
+                                   key=jax.random.fold_in(run_key, r), public=exp.public)
+      jax.block_until_ready(state)
+      record = _round_record(exp, r, cohort, result, n, time.perf_counter() - t0)
+      if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
+        record.update(evaluate(state))
+      if writes:
+        with metrics_path.open("a") as f:
+          f.write(json.dumps(record) + "\n")
+      history.append(record)
+      run_dir.started()
+      if writer is not None:
+        for k, v in record.items():
+          if isinstance(v, float):
+            writer.add_scalar(k, v, r + 1)
+      if (r + 1) % config.checkpoint_every == 0 or r + 1 == rounds:
+        manager.save(r + 1, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+      bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                      test=f"{history_last(history, headline_metric(history)):.3f}",
+                      clients_s=f"{record['time']['clients_per_s']:.2f}")
+      if on_round_end is not None:
+        on_round_end(r + 1, record)
   summary = _summary(config, exp, state, history)
   if writes:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    workdir_lib.atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=2))
     plot(history, np.asarray(exp.init_state.client_ranks), np.asarray(state.client_ranks),
          workdir / "plots.png", title=f"{config.method.name} on {config.data.source}")
   return summary

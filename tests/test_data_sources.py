@@ -89,6 +89,99 @@ def test_jsonl(tmp_path):
     data.load_jsonl(p, text_column="sentence")
 
 
+def test_non_utf8_file_names_file_offset_and_encoding_field(tmp_path):
+  p = tmp_path / "latin.csv"
+  p.write_bytes("text,label\ncaf\u00e9 ok,a\nbye,b\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"latin\.csv: byte b'\\xe9' at byte offset 14 \(line 2\) is not "
+                     r"valid 'utf-8'.*config\.data\.source_kwargs\.encoding.*'latin-1'"):
+    data.load_csv(p)
+  ds = data.get_source("csv", path=p, encoding="latin-1")
+  assert ds.texts == ["caf\u00e9 ok", "bye"]
+  j = tmp_path / "latin.jsonl"
+  j.write_bytes('{"text": "caf\u00e9", "label": 1}\n'.encode("latin-1"))
+  with pytest.raises(ValueError, match=r"latin\.jsonl: .*byte offset 13 .*source_kwargs\.encoding"):
+    data.load_jsonl(j)
+  assert data.load_jsonl(j, encoding="latin-1").texts == ["caf\u00e9"]
+  with pytest.raises(ValueError, match=r"encoding 'utf-9'.*source_kwargs\.encoding"):
+    data.load_csv(p, encoding="utf-9")
+
+
+def test_utf8_byte_order_mark_is_dropped(tmp_path):
+  p = tmp_path / "bom.csv"
+  p.write_bytes("\ufefftext,label\nhi,a\n".encode("utf-8"))
+  assert data.load_csv(p).texts == ["hi"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"the CSV file is empty \(no header row, no data rows\)"),
+    ("text,label\n", r"the CSV file has a header row \(\['text', 'label'\]\) but no data rows"),
+    ("sentence,y\n", r"the CSV file has a header row \(\['sentence', 'y'\]\) but no data rows"),   # not "missing columns"
+])
+def test_empty_or_header_only_csv_says_so(tmp_path, content, message):
+  p = tmp_path / "empty.csv"
+  p.write_text(content)
+  with pytest.raises(ValueError, match=r"empty\.csv: " + message):
+    data.load_csv(p)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_jsonl_says_so(tmp_path, content):
+  p = tmp_path / "empty.jsonl"
+  p.write_text(content)
+  with pytest.raises(ValueError, match=r"empty\.jsonl: the JSONL file is empty \(no records\)"):
+    data.load_jsonl(p)
+
+
+def test_rows_without_a_label_are_an_error(tmp_path):
+  p = tmp_path / "d.csv"
+  p.write_text("text,label\nhi,a\nno label,\nshort row\n")
+  with pytest.raises(ValueError, match=r"d\.csv: 2 row\(s\) have no 'label' value \(line\(s\) \[3, 4\]\)"):
+    data.load_csv(p)
+  j = tmp_path / "d.jsonl"
+  j.write_text('{"text": "a", "label": null}\n')
+  with pytest.raises(ValueError, match=r"d\.jsonl: 1 row\(s\) have no 'label' value"):
+    data.load_jsonl(j)
+
+
+def test_gzip_files_are_read_directly(tmp_path):
+  import gzip
+  c = tmp_path / "d.csv.gz"
+  c.write_bytes(gzip.compress("text,label\nhello,b\nbye,a\n".encode()))
+  ds = data.get_source("csv", path=c)
+  assert ds.texts == ["hello", "bye"] and ds.label_names == ["a", "b"]
+  j = tmp_path / "d.jsonl.gz"
+  j.write_bytes(gzip.compress(b'{"text": "x", "label": 0}\n'))
+  assert data.get_source("jsonl", path=j).texts == ["x"]
+  bad = tmp_path / "bad.csv.gz"
+  bad.write_bytes(b"\x1f\x8b not gzip")
+  with pytest.raises(ValueError, match=r"bad\.csv\.gz: not a readable gzip file"):
+    data.load_csv(bad)
+  latin = tmp_path / "latin.csv.gz"
+  latin.write_bytes(gzip.compress("text,label\n\u00e9,a\n".encode("latin-1")))
+  with pytest.raises(ValueError, match=r"byte offset 11 of the decompressed data"):
+    data.load_csv(latin)
+
+
+def test_align_labels_applies_the_training_label_map():
+  test = data.TextDataset(["x", "y", "z"], np.array([0, 1, 0]), ["b", "c"])
+  aligned = data.align_labels(test, ["a", "b", "c"], "test.csv")
+  assert aligned.label_names == ["a", "b", "c"]
+  np.testing.assert_array_equal(aligned.labels, [1, 2, 1])
+  with pytest.raises(ValueError, match=r"test\.csv: test label\(s\) 'c' \(1 rows\) never occur in the "
+                     r"training data, whose 2 labels are \['a', 'b'\]"):
+    data.align_labels(test, ["a", "b"], "test.csv")
+  # Names unused by the test rows need no training counterpart.
+  assert data.align_labels(test.select([0]), ["b"], "t").labels.tolist() == [0]
+
+
+def test_integer_label_is_not_taken_as_an_id_when_names_are_integers(tmp_path):
+  p = tmp_path / "d.csv"
+  p.write_text("text,label\nx,0\n")
+  with pytest.raises(ValueError, match="'0' is not one of"):
+    data.load_csv(p, label_names=["1", "2", "3"])     # "0" must not silently become class "1"
+  np.testing.assert_array_equal(data.load_csv(p, label_names=["neg", "pos"]).labels, [0])
+
+
 def test_text_dataset_validates_and_selects():
   with pytest.raises(ValueError, match="one per text"):
     data.TextDataset(["a", "b"], np.array([0]), ["x"])
@@ -194,7 +287,10 @@ def test_natinst_task_and_clients():
 def test_tokenize_dataset_pads_and_truncates():
   ds = data.TextDataset(["a b c d e", "x", ""], np.array([1, 0, 1]), ["n", "p"])
   cols = data.tokenize_dataset(ds, fake_encode, max_len=3, chunk_size=2)
-  assert set(cols) == {"input_ids", "attention_mask", "token_type_ids", "label"}
+  assert set(cols) == {"input_ids", "attention_mask", "token_type_ids", "label", "truncated", "empty"}
+  np.testing.assert_array_equal(cols["truncated"], [True, False, False])   # never cut silently
+  np.testing.assert_array_equal(cols["empty"], [False, False, True])
+  assert cols["truncated"].dtype == bool and cols["empty"].dtype == bool
   assert cols["input_ids"].shape == (3, 3) and cols["input_ids"].dtype == np.int32
   np.testing.assert_array_equal(cols["attention_mask"], [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
   expect = fake_encode(["a b c"])["input_ids"][0]
@@ -223,15 +319,63 @@ def test_tokenize_prompts_loss_mask_on_target():
   np.testing.assert_array_equal(cols["task_id"], [0, 1])
 
 
-def test_tokenize_prompts_truncates_prompt_from_the_left():
-  ds = data.PromptDataset(["a bb ccc dddd", "a"], [" e", " a bb ccc dddd"], np.array([0, 0]), ["t"])
-  cols = data.tokenize_prompts(ds, ragged_encode, max_len=3)
-  np.testing.assert_array_equal(cols["input_ids"][0], [4, 5, 2])   # last prompt tokens kept
-  np.testing.assert_array_equal(cols["loss_mask"][0], [0, 0, 1])
-  np.testing.assert_array_equal(cols["input_ids"][1], [2, 3, 4])   # target alone, cut
-  np.testing.assert_array_equal(cols["loss_mask"][1], [1, 1, 1])
+def test_tokenize_prompts_cuts_the_middle_of_the_prompt_and_keeps_the_answer():
+  # Prompt tokens 2..7, target [2]: room 4 for the prompt, its first 25% (1 token) and last 3 kept.
+  ds = data.PromptDataset(["a bb ccc dddd eeeee ffffff", "a", "a bb"], [" x", " a bb ccc dddd eeeee", " e"],
+                          np.array([0, 0, 0]), ["t"])
+  cols = data.tokenize_prompts(ds, ragged_encode, max_len=5)
+  np.testing.assert_array_equal(cols["input_ids"][0], [2, 5, 6, 7, 2])   # head "a", tail, answer
+  np.testing.assert_array_equal(cols["loss_mask"][0], [0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(cols["input_ids"][1], [2, 3, 4, 5, 6])   # whole answer, no room left
+  np.testing.assert_array_equal(cols["loss_mask"][1], [1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(cols["input_ids"][2], [2, 3, 2, 0, 0])   # fits: untouched
+  np.testing.assert_array_equal(cols["truncated"], [True, True, False])
+  np.testing.assert_array_equal(cols["empty"], [False, False, False])
+  half = data.tokenize_prompts(ds, ragged_encode, max_len=5, prompt_head=0.5)
+  np.testing.assert_array_equal(half["input_ids"][0], [2, 3, 6, 7, 2])
+  cut = data.tokenize_prompts(ds, ragged_encode, max_len=3)             # the target alone is too long
+  np.testing.assert_array_equal(cut["input_ids"][1], [2, 3, 4])
+  np.testing.assert_array_equal(cut["truncated"], [True, True, False])
   with pytest.raises(ValueError, match=r"config\.model\.max_len"):
     data.tokenize_prompts(ds, ragged_encode, max_len=2, bos_id=1, eos_id=2)
+  with pytest.raises(ValueError, match="prompt_head"):
+    data.tokenize_prompts(ds, ragged_encode, max_len=5, prompt_head=1.5)
+
+
+def test_tokenize_prompts_keeps_the_chat_template_head_of_a_long_question():
+  """A long question must not push the system turn out (it used to keep only the prompt's end)."""
+  head, tail = "<s> sys: be brief. user:", "end assistant:"
+  prompt = f"{head} {' '.join(['w'] * 40)} {tail}"
+  ds = data.PromptDataset([prompt, "<s> hi assistant:", "  "], [" yes", " no", " "], np.zeros(3), ["t"])
+  cols = data.tokenize_prompts(ds, ragged_encode, max_len=24, bos_id=1, eos_id=0, pad_id=0)
+  ids = cols["input_ids"][0][cols["attention_mask"][0] > 0].tolist()
+  want_head = ragged_encode([head])["input_ids"][0]
+  assert ids[1:1 + len(want_head)] == want_head                       # system turn and user header kept
+  want_tail = ragged_encode([tail + " yes"])["input_ids"][0] + [0]
+  assert ids[-len(want_tail):] == want_tail                           # assistant header + whole answer
+  np.testing.assert_array_equal(cols["truncated"], [True, False, False])
+  np.testing.assert_array_equal(cols["empty"], [False, False, True])    # blank prompt and target
+
+
+def test_tokenize_dataset_counts_cuts_the_encoder_made_itself(tmp_path):
+  """A tokenizer with truncation on returns at most max_len tokens; the cut is still flagged."""
+  from hetlora.models import testing, tokenizer
+  tok = tokenizer.load_tokenizer(testing.write_tiny_bert(tmp_path / "bert"), max_len=8)
+  enc = tokenizer.encode(tok, ["hello there world", "hi", ""], max_len=8)
+  np.testing.assert_array_equal(enc["truncated"], [True, False, False])
+  ds = data.TextDataset(["hello there world", "hi", " "], np.array([0, 1, 0]), ["a", "b"])
+  cols = data.tokenize_dataset(ds, lambda t: tokenizer.encode(tok, t, max_len=8), max_len=8)
+  np.testing.assert_array_equal(cols["truncated"], [True, False, False])
+  np.testing.assert_array_equal(cols["empty"], [False, False, True])
+  assert set(cols) == {"input_ids", "attention_mask", "token_type_ids", "label", "truncated", "empty"}
+
+
+def test_tokenize_reports_cut_examples(caplog):
+  ds = data.TextDataset(["a b c d e", "x", ""], np.array([1, 0, 1]), ["n", "p"])
+  with caplog.at_level("WARNING", logger="hetlora.data.tokenize"):
+    data.tokenize_dataset(ds, fake_encode, max_len=3)
+  assert "1 of 3 examples (33.3%) were cut at 3 tokens and 1 are empty" in caplog.text
+  assert "config.model.max_len" in caplog.text
 
 
 @needs_banking77

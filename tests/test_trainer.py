@@ -2,6 +2,9 @@
 
 import functools
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +71,8 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, tiny):
     assert (full / name).exists(), name
   assert (full / "checkpoints").is_dir()
   assert summary["rounds"] == 4 and 0.0 <= summary["final_test_accuracy"] <= 1.0
+  stats = json.loads((full / "data_stats.json").read_text())
+  assert stats["train"]["examples"] == summary["num_train_examples"] and len(stats["clients"]) == 4
 
   def kill_after_round_3(r, record):  # round 3's metrics are written, its checkpoint (every 2) is not
     if r == 3:
@@ -154,3 +159,138 @@ def test_launch_script_runs_a_language_model_on_natural_instructions(tmp_path, t
   row = json.loads((tmp_path / "w" / trainer.METRICS_FILE).read_text().splitlines()[-1])
   assert {"test_loss", "test_perplexity", "test_token_accuracy"} <= set(row)
   assert len(row["client_ids"]) == 2
+
+
+# --- workdir guards: lock, run identity, no debris, checkpoint fallback (hetlora/workdir.py) ---
+
+_BUILT: dict[str, experiment.Experiment] = {}
+
+
+@pytest.fixture
+def built(monkeypatch):
+  """``trainer.run`` reuses one Experiment per config (a pure function of it): its round compiles once."""
+  original = experiment.build
+
+  def build(config):
+    key = config.to_json_best_effort()
+    if key not in _BUILT:
+      _BUILT[key] = original(config)
+    return _BUILT[key]
+  monkeypatch.setattr(trainer.experiment_lib, "build", build)
+  return build
+
+
+def _fake_run(config, workdir, build):
+  """A workdir as a first start leaves it (identity, config, one metrics row), without training."""
+  from hetlora import workdir as workdir_lib
+  with workdir_lib.open_run(workdir, workdir_lib.identity(config, build(config)),
+                            config.to_json_best_effort(indent=2)) as run_dir:
+    (workdir / trainer.METRICS_FILE).write_text(json.dumps({"round": 1}) + "\n")
+    run_dir.started()
+
+
+def test_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path, tiny, built):
+  from hetlora import workdir as workdir_lib
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys; from hetlora import workdir; cm = workdir.lock(sys.argv[1]); "
+       "cm.__enter__(); print('locked', flush=True); sys.stdin.read()", str(tmp_path)],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkdirLocked, match=rf"in use by another run \(pid {holder.pid} on host "
+                                                        r".+, started .+, command: .*python"):
+      trainer.run(tiny(), tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lib.LOCK_FILE]   # nothing else
+  finally:
+    holder.kill()
+    holder.wait()
+  with workdir_lib.lock(tmp_path):   # the dead holder's lock file is no obstacle
+    pass
+  with pytest.raises(RuntimeError, match="boom"), workdir_lib.lock(tmp_path):
+    raise RuntimeError("boom")
+  with workdir_lib.lock(tmp_path):   # released on the exception
+    pass
+
+
+@pytest.mark.parametrize("field,value,listed", [
+    ("lora.r_max", 8, [r"lora\.r_max: 16 -> 8", r"LoRA module shapes: \d+ of \d+ modules differ"]),
+    ("method.name", "zero_pad", [r'method\.name: "hetlora" -> "zero_pad"']),
+])
+def test_resume_with_another_identity_is_refused_listing_fields(tmp_path, tiny, built, field, value, listed):
+  from hetlora import workdir as workdir_lib
+  _fake_run(tiny(), tmp_path, built)
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  with pytest.raises(ValueError) as refused:
+    trainer.run(tiny(**{field: value}), tmp_path, progress=False)
+  message = str(refused.value)
+  for pattern in listed + [r"new --workdir", "server.rounds"]:
+    assert re.search(pattern, message), (pattern, message)
+  after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  assert after == before   # config.json and identity.json untouched
+  # resumable fields may change: more rounds, another backend, other eval / checkpoint cadence
+  same = tiny(**{"server.rounds": 9, "eval.every": 3, "client.backend": "sequential"})
+  same.checkpoint_every = 3
+  assert workdir_lib.check_identity(tmp_path, workdir_lib.identity(same, built(tiny())))
+
+
+def test_invalid_config_or_failed_start_leaves_no_workdir(tmp_path, tiny, built, monkeypatch):
+  new = tmp_path / "workdirs" / "new"
+  with pytest.raises(ValueError, match=r"lora\.r_min"):
+    trainer.run(tiny(**{"lora.r_min": 32}), new, progress=False)
+  assert not new.parent.exists()
+
+  def fail(*args, **kwargs):
+    raise MemoryError("first round")
+  monkeypatch.setattr(trainer.experiment_lib, "cohort_data", fail)
+  with pytest.raises(MemoryError):
+    trainer.run(tiny(), new, progress=False)
+  assert not new.parent.exists()
+  mine = tmp_path / "mine"   # a user's directory: only the run's own files go
+  mine.mkdir()
+  (mine / "notes.txt").write_text("keep")
+  with pytest.raises(MemoryError):
+    trainer.run(tiny(), mine, progress=False)
+  assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def _corrupt(step_dir, how):
+  data = sorted((step_dir / "default" / "d").iterdir())
+  if how == "truncated":
+    for f in data:
+      os.truncate(f, f.stat().st_size // 2)
+  elif how == "missing":
+    for f in data:
+      f.unlink()
+  else:
+    (step_dir / "default" / "manifest.ocdbt").write_bytes(b"\x00garbage" * 16)
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "garbage"])
+def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, tiny, built, how, caplog, capfd):
+  trainer.run(tiny(), tmp_path, progress=False)   # checkpoints at rounds 2 and 4
+  uninterrupted = _deterministic(_rows(tmp_path))
+  _corrupt(tmp_path / "checkpoints" / "4", how)
+  capfd.readouterr()
+  with caplog.at_level("WARNING"):
+    trainer.run(tiny(), tmp_path, progress=False)
+  reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint ")]
+  assert len(reports) == 1 and "\n" not in reports[0], reports
+  assert not [r for r in caplog.records if r.name == "asyncio"]   # no echoes of the abandoned reads
+  assert re.search(r"checkpoints/4 is unreadable \(.+\); set aside as 4\.corrupt, resuming from step 2$",
+                   reports[0]), reports[0]
+  assert "Event loop is closed" not in capfd.readouterr().err
+  assert _deterministic(_rows(tmp_path)) == uninterrupted
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4", "4.corrupt"]
+
+
+def test_metrics_line_cut_by_a_kill_is_dropped_and_rounds_cannot_shrink(tmp_path, tiny, built):
+  trainer.run(tiny(), tmp_path, progress=False)
+  uninterrupted = _deterministic(_rows(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "4")   # killed while appending round 4's row, before its checkpoint
+  with (tmp_path / trainer.METRICS_FILE).open("r+") as f:
+    f.truncate(len(f.read()) - 40)
+  trainer.run(tiny(), tmp_path, progress=False)
+  assert _deterministic(_rows(tmp_path)) == uninterrupted
+  with pytest.raises(ValueError, match=r"server\.rounds=3 is below the 4 rounds"):
+    trainer.run(tiny(**{"server.rounds": 3}), tmp_path, progress=False)
+  assert _deterministic(_rows(tmp_path)) == uninterrupted

@@ -8,6 +8,7 @@ Typical flow::
     parts = data.dirichlet(train.labels, num_clients=100, alpha=0.5, seed=0)
     rnd = data.pack_cohort(cols, [parts[c] for c in cohort], batch_size=16,
                            local_epochs=1, seed=0, round_idx=r, client_ids=cohort)
+    print(data.format_statistics(data.data_statistics(cols, test_cols, parts)))  # cut / empty examples
 """
 
 from hetlora.data.packing import batches
@@ -26,6 +27,7 @@ from hetlora.data.partition import validate_partition
 from hetlora.data.sources import PromptDataset
 from hetlora.data.sources import SOURCES
 from hetlora.data.sources import TextDataset
+from hetlora.data.sources import align_labels
 from hetlora.data.sources import banking77
 from hetlora.data.sources import get_source
 from hetlora.data.sources import load_csv
@@ -34,12 +36,16 @@ from hetlora.data.sources import natinst
 from hetlora.data.sources import natinst_task
 from hetlora.data.sources import tfds_source
 from hetlora.data.sources import tweets
+from hetlora.data.stats import data_statistics
+from hetlora.data.stats import format_statistics
+from hetlora.data.stats import statistics
 from hetlora.data.tokenize import tokenize_dataset
 from hetlora.data.tokenize import tokenize_prompts
 
 __all__ = [
-    "ClientStats", "PromptDataset", "SOURCES", "TextDataset", "banking77", "batches", "client_stats",
-    "cohort_indices", "dirichlet", "epoch_steps", "format_stats", "get_source", "iid", "load_csv",
-    "load_jsonl", "make_partition", "natinst", "natinst_task", "natural", "pack_cohort", "shards",
-    "tfds_source", "tokenize_dataset", "tokenize_prompts", "tweets", "validate_partition",
+    "ClientStats", "PromptDataset", "SOURCES", "TextDataset", "align_labels", "banking77", "batches",
+    "client_stats", "cohort_indices", "data_statistics", "dirichlet", "epoch_steps", "format_statistics",
+    "format_stats", "get_source", "iid", "load_csv", "load_jsonl", "make_partition", "natinst",
+    "natinst_task", "natural", "pack_cohort", "shards", "statistics", "tfds_source", "tokenize_dataset",
+    "tokenize_prompts", "tweets", "validate_partition",
 ]

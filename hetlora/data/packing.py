@@ -18,7 +18,9 @@ Client ``k`` walks a stream of its own indices, shuffled anew each pass by a
   examples; every slot is real.
 
 A trainer should weight losses with ``mask`` and skip updates of batches
-whose mask is all zero. Pass ``pad_steps_to`` (see :func:`epoch_steps`) to
+whose mask is all zero. The example flags of tokenization (``truncated``,
+``empty``: :data:`hetlora.data.tokenize.FLAG_COLUMNS`) are reports, not model
+inputs: they are left out of every batch. Pass ``pad_steps_to`` (see :func:`epoch_steps`) to
 keep the step axis fixed across rounds and avoid recompiles.
 
 Example::
@@ -34,6 +36,8 @@ import math
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from hetlora.data.tokenize import FLAG_COLUMNS
 
 
 def _stream(indices: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -112,11 +116,13 @@ def cohort_indices(client_indices: Sequence[np.ndarray], batch_size: int, *,
 
 def gather(columns: Mapping[str, np.ndarray], slots: np.ndarray) -> dict[str, np.ndarray]:
   """Columns at ``slots: int[...]`` (``-1`` = padding, filled with zeros) plus
-  ``mask: float32[...]``."""
+  ``mask: float32[...]``; the example flags (``FLAG_COLUMNS``) are left out."""
   real = slots >= 0
   safe = np.where(real, slots, 0)
   out = {}
   for key, col in columns.items():
+    if key in FLAG_COLUMNS:
+      continue
     x = np.asarray(col)[safe]
     x[~real] = 0
     out[key] = x

@@ -7,7 +7,8 @@ may need data prepared on a machine with a network.
 
 Sources (look them up by name with :func:`get_source`):
 
-- ``csv`` / ``jsonl``: local files with named text and label columns.
+- ``csv`` / ``jsonl``: local files with named text and label columns, in
+  any ``encoding`` (default UTF-8), optionally gzip-compressed (``.gz``).
 - ``banking77``: 77 banking intents (Casanueva et al., "Efficient Intent
   Detection with Dual Sentence Encoders", NLP4ConvAI @ ACL 2020,
   arXiv:2003.04807).
@@ -20,6 +21,10 @@ Sources (look them up by name with :func:`get_source`):
   arXiv:2104.08773); one task is one natural federated client, as in
   HetLoRA (Cho et al., EMNLP 2024, arXiv:2401.06432).
 
+Training and test data must share one label map: :func:`align_labels` re-indexes
+a test set into the training set's label names (an unseen test label is an
+error), as :func:`hetlora.experiment.load_sources` does.
+
 Example::
 
     ds = get_source('banking77', split='test')
@@ -30,7 +35,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import importlib.util
+import io
 import json
 import os
 from pathlib import Path
@@ -134,8 +141,8 @@ def _encode_labels(raw: Sequence[Any], label_names: Sequence[str] | None,
   """Map raw label values to ``int32[N]`` ids and their names.
 
   With ``label_names`` given, values are looked up in it (integers in range are
-  taken as ids). Otherwise names are the sorted distinct values (numerically
-  sorted when every value is an integer).
+  taken as ids, unless some name is itself an integer). Otherwise names are the
+  sorted distinct values (numerically sorted when every value is an integer).
   """
   values = [v.strip() if isinstance(v, str) else v for v in raw]
   if label_names is None:
@@ -149,16 +156,47 @@ def _encode_labels(raw: Sequence[Any], label_names: Sequence[str] | None,
     return np.asarray([lookup[v] for v in values], dtype=np.int32), names
   names = [str(n) for n in label_names]
   lookup = {n: i for i, n in enumerate(names)}
+  ids_allowed = not any(_is_int(n) for n in names)  # "0" must not silently mean the name at index 0
   ids = []
   for v in values:
     if str(v) in lookup:
       ids.append(lookup[str(v)])
-    elif _is_int(v) and 0 <= int(v) < len(names):
+    elif ids_allowed and _is_int(v) and 0 <= int(v) < len(names):
       ids.append(int(v))
     else:
       raise ValueError(f"{source}: label {v!r} is not one of the {len(names)} label names "
                        f"(first few: {names[:5]}); fix the data or the label names.")
   return np.asarray(ids, dtype=np.int32), names
+
+
+def align_labels(ds: TextDataset, label_names: Sequence[str], source: str) -> TextDataset:
+  """``ds`` with its labels re-indexed into ``label_names`` (the training set's).
+
+  Train and test files each list their own distinct labels; a label present in
+  only one of them would shift every id after it. Apply the training label map
+  to the test data with this function.
+
+  Raises:
+    ValueError: ``ds`` has labels that ``label_names`` lacks (named, with ``source``).
+
+  Example::
+
+    test = align_labels(test, train.label_names, 'test.csv')
+  """
+  names = [str(n) for n in label_names]
+  lookup = {n: i for i, n in enumerate(names)}
+  used = [ds.label_names[i] for i in np.unique(ds.labels)]
+  unseen = [n for n in used if n not in lookup]
+  if unseen:
+    counts = np.bincount(ds.labels, minlength=ds.num_classes)
+    detail = ", ".join(f"{n!r} ({counts[ds.label_names.index(n)]} rows)" for n in unseen[:10])
+    raise ValueError(
+        f"{source}: test label(s) {detail}{' ...' if len(unseen) > 10 else ''} never occur in the "
+        f"training data, whose {len(names)} labels are {names[:10]}{' ...' if len(names) > 10 else ''}; "
+        "the model has no class for them. Remove those rows from the test data or add training "
+        "examples with those labels.")
+  remap = np.asarray([lookup.get(n, -1) for n in ds.label_names], np.int32)
+  return TextDataset(list(ds.texts), remap[ds.labels], names)
 
 
 def _is_int(v: Any) -> bool:
@@ -180,51 +218,112 @@ def _check_columns(columns: Sequence[str], path: Path, available: Sequence[str])
 # ----------------------------------------------------------------------------- local files
 
 
-def load_csv(path: str | os.PathLike | None, text_column: str = "text", label_column: str = "label",
-             label_names: Sequence[str] | None = None, encoding: str = "utf-8",
-             field: str = "path") -> TextDataset:
-  """A CSV file with a header row, as a :class:`TextDataset`.
+def _read_text(p: Path, encoding: str, field: str) -> str:
+  """The decoded contents of ``p`` (gunzipped when it ends in ``.gz`` or starts with gzip's magic).
 
-  Args:
-    path: the CSV file.
-    text_column, label_column: header names of the text and the label.
-    label_names: class names in id order; default: sorted distinct labels.
-    encoding: file encoding.
-    field: the key of ``config.data.source_kwargs`` that holds ``path``
-      (named in errors).
+  A UTF-8 byte-order mark is dropped. Decoding errors name the file, the byte
+  offset and ``config.data.source_kwargs.encoding``.
   """
-  p = _require_path(path, field, "CSV file")
-  with open(p, newline="", encoding=encoding) as f:
-    reader = csv.DictReader(f)
-    available = reader.fieldnames or []
-    _check_columns((text_column, label_column), p, available)
-    rows = list(reader)
+  raw = p.read_bytes()
+  where = ""
+  if p.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+      raise ValueError(f"{p}: not a readable gzip file ({e}); set config.data.source_kwargs.{field} "
+                       "to an intact file (or drop the .gz suffix of an uncompressed one).") from None
+    where = " of the decompressed data"
+  try:
+    text = raw.decode(encoding)
+  except LookupError:
+    raise ValueError(f"encoding {encoding!r} of {p} is unknown; set config.data.source_kwargs.encoding "
+                     "to a Python codec name, e.g. 'utf-8' or 'latin-1'.") from None
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise ValueError(
+        f"{p}: byte {raw[e.start:e.start + 1]!r} at byte offset {e.start}{where} (line {line}) is not valid "
+        f"{encoding!r} ({e.reason}); set config.data.source_kwargs.encoding (data.test_kwargs.encoding "
+        "for the test file) to the file's encoding, e.g. 'latin-1' or 'cp1252'.") from None
+  return text[1:] if text.startswith("\ufeff") else text
+
+
+def _check_labels(labels: Sequence[Any], line_numbers: Sequence[int], column: str, p: Path) -> None:
+  """A ``ValueError`` naming the lines whose label is missing or blank."""
+  bad = [n for v, n in zip(labels, line_numbers) if v is None or (isinstance(v, str) and not v.strip())]
+  if bad:
+    raise ValueError(f"{p}: {len(bad)} row(s) have no {column!r} value (line(s) {bad[:10]}); "
+                     "fill in their labels or remove those rows.")
+
+
+def _csv(p: Path, text_column: str, label_column: str, label_names: Sequence[str] | None,
+         encoding: str, field: str) -> TextDataset:
+  """:func:`load_csv` of an existing file; ``field`` names the config key in errors."""
+  reader = csv.DictReader(io.StringIO(_read_text(p, encoding, field), newline=""))
+  available = reader.fieldnames or []
+  if not available:
+    raise ValueError(f"{p}: the CSV file is empty (no header row, no data rows); set "
+                     f"config.data.source_kwargs.{field} to a CSV file with a header row and examples.")
+  rows, lines = [], []
+  for row in reader:
+    rows.append(row)
+    lines.append(reader.line_num)
+  if not rows:
+    raise ValueError(f"{p}: the CSV file has a header row ({available}) but no data rows; add "
+                     f"examples or set config.data.source_kwargs.{field} to another file.")
+  _check_columns((text_column, label_column), p, available)
+  _check_labels([r[label_column] for r in rows], lines, label_column, p)
   texts = [r[text_column] or "" for r in rows]
   labels, names = _encode_labels([r[label_column] for r in rows], label_names, str(p))
   return TextDataset(texts, labels, names)
 
 
-def load_jsonl(path: str | os.PathLike | None, text_column: str = "text", label_column: str = "label",
-               label_names: Sequence[str] | None = None, encoding: str = "utf-8",
-               field: str = "path") -> TextDataset:
+def load_csv(path: str | os.PathLike | None = None, text_column: str = "text", label_column: str = "label",
+             label_names: Sequence[str] | None = None, encoding: str = "utf-8") -> TextDataset:
+  """A CSV file with a header row, as a :class:`TextDataset`.
+
+  Args:
+    path: the CSV file; ``.csv.gz`` (gzip) is read directly.
+    text_column, label_column: header names of the text and the label.
+    label_names: class names in id order; default: sorted distinct labels.
+    encoding: the file's text encoding, e.g. ``'utf-8'`` (default, a
+      byte-order mark is dropped), ``'latin-1'``, ``'cp1252'``.
+
+  Raises:
+    ValueError: the file is empty or has only a header row, cannot be decoded
+      with ``encoding`` (naming the byte offset), or a row has no label.
+    KeyError: a column is missing (the available ones are listed).
+  """
+  return _csv(_require_path(path, "path", "CSV file"), text_column, label_column, label_names,
+              encoding, "path")
+
+
+def load_jsonl(path: str | os.PathLike | None = None, text_column: str = "text", label_column: str = "label",
+               label_names: Sequence[str] | None = None, encoding: str = "utf-8") -> TextDataset:
   """A JSON-lines file (one object per line), as a :class:`TextDataset`.
 
-  Arguments as in :func:`load_csv`. Blank lines are skipped.
+  Arguments as in :func:`load_csv` (``.jsonl.gz`` is read directly). Blank
+  lines are skipped; a file without records is an error.
   """
-  p = _require_path(path, field, "JSONL file")
-  rows = []
-  with open(p, encoding=encoding) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{line_no}: not valid JSON ({e.msg}).") from None
-      for c in (text_column, label_column):
-        if c not in row:
-          raise KeyError(f"{p}:{line_no}: column {c!r} not found; available columns: {sorted(row)}.")
-      rows.append(row)
+  p = _require_path(path, "path", "JSONL file")
+  rows, lines = [], []
+  for line_no, line in enumerate(_read_text(p, encoding, "path").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{p}:{line_no}: not valid JSON ({e.msg}).") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{p}:{line_no}: expected a JSON object per line, got {type(row).__name__}.")
+    for c in (text_column, label_column):
+      if c not in row:
+        raise KeyError(f"{p}:{line_no}: column {c!r} not found; available columns: {sorted(row)}.")
+    rows.append(row)
+    lines.append(line_no)
+  if not rows:
+    raise ValueError(f"{p}: the JSONL file is empty (no records); set config.data.source_kwargs.path "
+                     "to a file with one JSON object per line.")
+  _check_labels([r[label_column] for r in rows], lines, label_column, p)
   texts = [str(r[text_column]) for r in rows]
   labels, names = _encode_labels([r[label_column] for r in rows], label_names, str(p))
   return TextDataset(texts, labels, names)
@@ -249,7 +348,8 @@ def banking77(split: str = "train", data_dir: str | os.PathLike | None = None) -
   names = None
   if (d / "categories.json").exists():
     names = json.loads((d / "categories.json").read_text(encoding="utf-8"))
-  return load_csv(d / f"{split}.csv", "text", "category", label_names=names, field="data_dir")
+  p = _require_path(d / f"{split}.csv", "data_dir", "BANKING77 split file")
+  return _csv(p, "text", "category", names, "utf-8", "data_dir")
 
 
 def _package_file(package: str, parts: Sequence[str]) -> Path:

@@ -152,6 +152,8 @@ class Method:
     local: what the method adds to local training (:class:`Local`).
     needs_key: ``round_fn`` must get a PRNG ``key`` (fresh client adapters).
     needs_public: ``round_fn`` must get the ``public`` data (server-side distillation).
+    dp_linear: the next state is a linear average of the clients' factors from a
+      shared start, so client-level DP applies (:mod:`hetlora.privacy`).
   """
   name: str
   aggregate: Callable[..., Any]
@@ -164,3 +166,4 @@ class Method:
   local: Local = Local()
   needs_key: bool = False
   needs_public: bool = False
+  dp_linear: bool = False

@@ -42,4 +42,5 @@ def keep_a(state: LoRA, aggregated: LoRA, ranks, base_params, public) -> LoRA:
 def make() -> base.Method:
   """FFA-LoRA (no options); every client must have the same rank."""
   return base.Method(name="ffa_lora", aggregate=aggregate, server_update=keep_a,
-                     check_ranks=base.equal_ranks("ffa_lora"), local=base.Local(trainable="b"))
+                     check_ranks=base.equal_ranks("ffa_lora"), local=base.Local(trainable="b"),
+                     dp_linear=True)

@@ -29,4 +29,5 @@ aggregate = jax.jit(aggregation.example_average)
 
 def make() -> base.Method:
   """HomLoRA FedAvg (no options); every client must have the same rank."""
-  return base.Method(name="homlora", aggregate=aggregate, check_ranks=base.equal_ranks("homlora"))
+  return base.Method(name="homlora", aggregate=aggregate, check_ranks=base.equal_ranks("homlora"),
+                     dp_linear=True)

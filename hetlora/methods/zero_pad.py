@@ -29,4 +29,4 @@ aggregate = jax.jit(aggregation.example_average)
 
 def make() -> base.Method:
   """Zero-padding (no options)."""
-  return base.Method(name="zero_pad", aggregate=aggregate)
+  return base.Method(name="zero_pad", aggregate=aggregate, dp_linear=True)

@@ -14,6 +14,7 @@ Example::
 
     loaded = bert_classifier.load(config.model, num_labels=3, key=jax.random.key(0))
     cols = loaded.prepare(tweets_ds)   # input_ids, attention_mask, token_type_ids: [N, L]; label: [N]
+                                       # + truncated, empty: bool[N] (report flags, not batched)
 """
 
 from __future__ import annotations

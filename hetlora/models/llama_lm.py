@@ -18,6 +18,11 @@ with the loss on ``target' [eos]`` only, where the prompt format is
   (natural-instructions: ``"<definition>\\n\\nInput: <x>\\nOutput:"`` and
   ``" <y>"``), ``eos`` = the tokenizer's end-of-sequence token.
 
+A sequence longer than ``config.model.max_len`` keeps the whole answer and cuts
+the middle of the prompt, keeping its first ``config.model.prompt_head``
+share (optional, default 0.25: the template's system turn and user header)
+and its end (:func:`hetlora.data.tokenize_prompts`).
+
 ``config.model.prompt_format`` (optional): ``'auto'`` (default: ChatML when the
 template is ChatML, else plain), ``'chatml'`` or ``'plain'``.
 
@@ -194,6 +199,10 @@ def load(model_config, *, num_labels: int | None = None, key: jax.Array | None =
   dtype = compute_dtype(model_config)
   default_len = max_len_of(model_config, minimum=2)
   requested = model_config.get("prompt_format", "auto")
+  prompt_head = model_config.get("prompt_head", 0.25)
+  if not isinstance(prompt_head, (int, float)) or not 0.0 <= prompt_head <= 1.0:
+    raise ValueError(f"model.prompt_head={prompt_head!r} must be a number in [0, 1] (the share of a cut "
+                     "prompt kept from its start), e.g. 0.25.")
   if requested not in PROMPT_FORMATS:
     raise ValueError(f"model.prompt_format={requested!r} must be one of {PROMPT_FORMATS}.")
   with model_errors(name, KIND):
@@ -212,7 +221,7 @@ def load(model_config, *, num_labels: int | None = None, key: jax.Array | None =
       return tokenizer_lib.encode(tok, texts, pad_id=fmt.pad_id, add_special_tokens=False)
 
     return tokenize_prompts(formatted, encode_fn, n, pad_id=fmt.pad_id, bos_id=fmt.bos_id,
-                            eos_id=fmt.eos_id)
+                            eos_id=fmt.eos_id, prompt_head=prompt_head)
 
   return Loaded(base_params=params, loss_fn=lm_tasks.causal_lm_loss(model), logits_fn=None,
                 eval_sums=eval_sums_fn(model), prepare=prepare, tokenizer=tok, model=model,

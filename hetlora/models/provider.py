@@ -65,7 +65,8 @@ class Loaded:
       Padded examples (``batch['mask'] == 0``) weigh nothing.
     prepare: ``(dataset, max_len=None) -> {column: np.ndarray [N, ...]}``,
       the tokenized columns ``loss_fn`` reads (``max_len`` defaults to
-      ``model.max_len``).
+      ``model.max_len``), plus the flags ``truncated, empty: bool[N]``
+      (:mod:`hetlora.data.tokenize`; packing leaves them out of batches).
     tokenizer: the ``tokenizers.Tokenizer``.
     model: the Flax module.
     config: the model's own config dataclass (``BertConfig``, ``LlamaConfig``).

@@ -86,7 +86,9 @@ def encode(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], max_len: int |
 
   Returns:
     ``{'input_ids', 'attention_mask', 'token_type_ids'}``, each ``int32[B, L]``
-    with ``L = max_len`` if ``pad_to_max`` else the longest sequence (>= 1).
+    with ``L = max_len`` if ``pad_to_max`` else the longest sequence (>= 1),
+    and ``'truncated': bool[B]``, the texts cut at ``max_len`` (or at the
+    tokenizer's own truncation length).
 
   Example:
     >>> tok = load_tokenizer('all-minilm-l6-v2')        # doctest: +SKIP
@@ -108,12 +110,14 @@ def encode(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], max_len: int |
   ids = np.full((b, length), pad_id, np.int32)
   mask = np.zeros((b, length), np.int32)
   types = np.zeros((b, length), np.int32)
+  truncated = np.zeros((b,), bool)
   for i, e in enumerate(encs):
     n = len(e.ids)
     ids[i, :n] = e.ids
     mask[i, :n] = 1
     types[i, :n] = e.type_ids
-  return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    truncated[i] = bool(e.overflowing)
+  return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "truncated": truncated}
 
 
 def tokenizer_path(model: str | os.PathLike) -> Path:
