@@ -53,21 +53,8 @@ def get_config(arg=None):
   c.eval.every = 5
   c.checkpoint_every = 5
 
-  method = a.method
-  if method in ("homlora_min", "homlora_max"):
-    rank = RANK_CHOICES[0] if method == "homlora_min" else RANK_CHOICES[-1]
-    c.lora.rank_choices = (rank,)
-    c.lora.r_min = rank
-    method = "homlora"
-  if method == "ffa_lora":
-    c.lora.rank_choices, c.lora.r_min, c.lora.r_max = (8,), 8, 8
-  if method == "helora_kd":
-    c.data.public_examples = 500
-  c.method.name = method
-  # one scale for every client and method, alpha / r_max = 2: a truncated global adapter then means
-  # the same thing at every rank (with alpha / r_k a rank-1 client's slot would weigh 32x a rank-32 one's)
-  c.lora.scale_rule = "alpha/r_max"
-  c.lora.alpha = 2.0 * c.lora.r_max
+  common.apply_method(c, a.method, RANK_CHOICES, public_examples=500)
+  method = c.method.name
 
   if a.cpu:  # the budget a 2-core CPU finishes in about 5 minutes per method
     c.data.max_train_examples = 3000

@@ -60,20 +60,7 @@ def get_config(arg=None):
   c.eval.every = 2
   c.checkpoint_every = 5
 
-  method = a.method
-  if method in ("homlora_min", "homlora_max"):
-    rank = RANK_CHOICES[0] if method == "homlora_min" else RANK_CHOICES[-1]
-    c.lora.rank_choices = (rank,)
-    c.lora.r_min = rank
-    method = "homlora"
-  if method == "ffa_lora":
-    c.lora.rank_choices, c.lora.r_min, c.lora.r_max = (8,), 8, 8
-  if method == "helora_kd":
-    c.data.public_examples = 200
-  c.method.name = method
-  # one LoRA scale for every client and method (alpha / r_max = 2), as in configs/banking77.py
-  c.lora.scale_rule = "alpha/r_max"
-  c.lora.alpha = 2.0 * c.lora.r_max
+  common.apply_method(c, a.method, RANK_CHOICES, public_examples=200)
 
   if a.runlocal:
     c.data.max_train_examples = 300

@@ -37,6 +37,29 @@ def source_options(**values):
   return out
 
 
+def apply_method(c, method: str, rank_choices, public_examples: int, ffa_rank: int = 8):
+  """Sets ``c.method.name`` (and what the method needs) from a config's ``method=`` argument.
+
+  ``homlora_min`` / ``homlora_max`` are HomLoRA with every client at the smallest / largest of
+  ``rank_choices``; FFA-LoRA runs every client at ``ffa_rank``; HeLoRA-KD distils on
+  ``public_examples`` held-out examples. Every method then trains at one LoRA scale,
+  ``alpha / r_max = 2``: a truncated global adapter means the same thing at every rank (with
+  ``alpha / r_k`` a rank-1 client's slot would weigh 32x a rank-32 one's).
+  """
+  if method in ("homlora_min", "homlora_max"):
+    rank = rank_choices[0] if method == "homlora_min" else rank_choices[-1]
+    c.lora.rank_choices = (rank,)
+    c.lora.r_min = rank
+    method = "homlora"
+  if method == "ffa_lora":
+    c.lora.rank_choices, c.lora.r_min, c.lora.r_max = (ffa_rank,), ffa_rank, ffa_rank
+  if method == "helora_kd":
+    c.data.public_examples = public_examples
+  c.method.name = method
+  c.lora.scale_rule = "alpha/r_max"
+  c.lora.alpha = 2.0 * c.lora.r_max
+
+
 def parse_arg(arg, **defaults):
   """``'k=v,flag'`` -> ConfigDict of ``defaults`` updated (flags become True)."""
   out = ml_collections.ConfigDict(defaults)
