@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hetlora import aggregation
 from hetlora.methods import flexlora
 from hetlora.methods import flora
 from hetlora import lora as lora_lib
