@@ -13,20 +13,21 @@ from ml_collections.config_dict import placeholder
 # --config.data.source_kwargs.path=train.csv works and a misspelt option is refused.
 # tests/test_data_trust.py checks this table against the sources.
 SOURCE_OPTIONS = {
-    "path": str,            # csv / jsonl / tweets: the data file (.csv, .jsonl; .gz is read directly)
+    "path": str,            # csv / jsonl / tweets / instructions: the data file (.csv, .jsonl; .gz is read directly)
     "text_column": str,     # csv / jsonl: the text column (default "text")
     "label_column": str,    # csv / jsonl: the label column (default "label")
     "label_names": tuple,   # csv / jsonl: class names in id order (default: the sorted training labels)
-    "encoding": str,        # csv / jsonl: the file's encoding (default "utf-8"; e.g. "latin-1", "cp1252")
+    "encoding": str,        # csv / jsonl / instructions: the file's encoding (default "utf-8"; e.g. "latin-1")
     "data_dir": str,        # banking77 / tfds / natinst: the data directory
-    "split": str,           # banking77 / tweets / tfds / natinst (default "train"; test data "test")
-    "test_fraction": float,  # tweets / natinst: the share of the data held out as the test split
-    "seed": int,            # tweets / natinst: the seed of that split
+    "split": str,           # banking77 / tweets / tfds / natinst / instructions (default "train"; test data "test")
+    "test_fraction": float,  # tweets / natinst / instructions: the share held out as the test split (per task)
+    "seed": int,            # tweets / natinst / instructions: the seed of that split
     "name": str,            # tfds: the dataset name, e.g. "imdb_reviews"
     "text_key": str,        # tfds: the text feature (default "text")
     "label_key": str,       # tfds: the label feature (default "label")
     "tasks": tuple,         # natinst: task names (file stems); default all
     "max_per_task": int,    # natinst: at most this many examples per task
+    "client_key": str,      # instructions: the JSONL field naming an example's client (default "client")
 }
 
 
@@ -84,9 +85,10 @@ def base():
   c.model.pooling = "mean"            # 'mean' | 'cls'
   c.model.max_len = 64                # tokens per example (truncate / pad)
   c.model.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16'
+  c.model.loss_chunk = placeholder(int)  # llama_lm: tokens per LM-head chunk in loss/eval (unset = 128; 0 = full logits)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tweets"            # 'tweets' | 'banking77' | 'csv' | 'jsonl' | 'tfds'
+  c.data.source = "tweets"            # 'tweets' | 'banking77' | 'csv' | 'jsonl' | 'tfds' | 'natinst' | 'instructions'
   c.data.source_kwargs = source_options()  # the source's options (SOURCE_OPTIONS above; None = not set)
   c.data.test_kwargs = source_options()    # options that differ for the test data, e.g. path of a test CSV
                                            # (set ones override source_kwargs); update these fields,
@@ -99,6 +101,8 @@ def base():
   c.data.max_train_examples = 0       # 0 = all; else a seeded subsample
   c.data.max_test_examples = 0
   c.data.public_examples = 0          # held-out training examples for server-side distillation (HeLoRA-KD)
+  c.data.unseen_tasks = ()            # instruction data: tasks held out of every client, evaluated as
+                                      # unseen tasks (their test instances; metrics *_unseen)
 
   c.lora = ml_collections.ConfigDict()
   c.lora.pattern = ""                 # regex over parameter paths; "" = the model provider's default
@@ -108,6 +112,9 @@ def base():
   c.lora.rank_distribution = "uniform"  # 'uniform' | 'heavy_tail' | 'normal' | 'constant'
   c.lora.alpha = 16.0
   c.lora.scale_rule = "alpha/r"       # 'alpha/r' (client rank) | 'alpha/r_max' | 'rslora'
+  c.lora.init_from = placeholder(str)  # a PEFT LoRA directory (HF module names) as the starting global
+                                      # adapter, rescaled to this run's scale at r_max (docs/export.md);
+                                      # None / "" = a fresh init
 
   c.method = ml_collections.ConfigDict()
   c.method.name = "hetlora"           # a module of hetlora.methods: hetlora, zero_pad, homlora, ...
@@ -138,4 +145,10 @@ def base():
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 1
   c.eval.batch_size = 64
+  c.eval.at_start = False             # also evaluate the initial model (a round-0 metrics row)
+  # Generation-based evaluation (language models): greedy answers to test prompts, ROUGE-L, exact match.
+  c.eval.generate_examples = 0        # prompts answered per evaluation set (per task in turn); 0 = off
+  c.eval.max_new_tokens = 32          # the answer budget (decoding stops at end-of-sequence)
+  c.eval.answer_marker = ""           # exact match compares the text after this marker (e.g. "####")
+  c.eval.samples_per_task = 2         # generations per task written to generations/round_<r>.jsonl
   return c

@@ -14,13 +14,21 @@ experiment names no model family and no method.
 Config sections: ``model`` (``kind``, ``name``, ``pooling``, ``max_len``, ``dtype``),
 ``data`` (``source``, ``source_kwargs``, ``partition``, ``num_clients``,
 ``test_kwargs``, ``dirichlet_alpha``, ``min_client_size``, ``max_train_examples``,
-``max_test_examples``, ``public_examples``), ``lora`` (``pattern``, ``r_min``,
+``max_test_examples``, ``public_examples``, ``unseen_tasks``), ``lora`` (``pattern``, ``r_min``,
 ``r_max``, ``rank_choices``, ``rank_distribution``, ``alpha``,
-``scale_rule``), ``method`` (``name``, ``kwargs``), ``client``
+``scale_rule``, ``init_from``), ``method`` (``name``, ``kwargs``), ``client``
 (``optimizer``, ``learning_rate``, ``weight_decay``, ``batch_size``,
 ``local_epochs`` or ``local_steps``, ``backend``, ``chunk_size``, ``clip_norm``), ``server``
 (``rounds``, ``clients_per_round``, ``max_update_norm``), ``privacy`` (``noise_multiplier``,
-``delta``), ``eval`` (``every``, ``batch_size``).
+``delta``), ``eval`` (``every``, ``batch_size``, ``at_start``, ``generate_examples``,
+``max_new_tokens``, ``answer_marker``, ``samples_per_task``).
+
+Instruction data can hold whole tasks out of training (``data.unseen_tasks``):
+their instances reach no client, and their test instances form the
+``unseen`` evaluation set (:func:`hold_out_tasks`). A model provider that
+generates (``Loaded.generation_eval``) answers up to ``eval.generate_examples``
+prompts of the test set and of the unseen set at every evaluation
+(:func:`make_generation_eval`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from hetlora import privacy as privacy_lib
 from hetlora import ranks as ranks_lib
 from hetlora import screening as screening_lib
 from hetlora import server
+from hetlora.export import peft as peft_export
+from hetlora.models import generation as generation_lib
 from hetlora.models import provider as provider_lib
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -69,6 +79,9 @@ class Experiment:
     public: ``{'batch': [steps, B, ...], 'mask': [steps, B]}`` or ``None`` (for server-side distillation).
     steps: local steps per round (fixed for the run, so shapes never change).
     label_names: class names (empty for language models).
+    unseen: tokenized columns of the held-out tasks' test instances (``data.unseen_tasks``), or ``None``.
+    generation_eval: ``evaluate(base, adapters [G]) -> (metrics {set: {metric: [G]}}, samples)``
+      on the ``'test'`` and ``'unseen'`` prompts (:func:`make_generation_eval`), or ``None``.
   """
   config: ml_collections.ConfigDict
   base_params: Any
@@ -85,6 +98,8 @@ class Experiment:
   public: dict[str, Any] | None
   steps: int
   label_names: list[str]
+  unseen: dict[str, np.ndarray] | None = None
+  generation_eval: Callable[..., tuple[dict, list]] | None = None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -189,6 +204,59 @@ def load_sources(config: ml_collections.ConfigDict):
   return train_ds, test_ds, public_ds
 
 
+def hold_out_tasks(config: ml_collections.ConfigDict, train_ds, test_ds, public_ds=None):
+  """``(train, test, public, unseen or None)`` with the tasks of ``data.unseen_tasks`` held out.
+
+  The held-out tasks' instances leave the training, test and public sets (task ids renumbered
+  over the remaining tasks, so a natural partition has one client per seen task); their test
+  instances are the ``unseen`` set.
+
+  Raises:
+    ValueError: naming ``data.unseen_tasks``, for classification data or unknown task names.
+  """
+  names = list(config.data.get("unseen_tasks") or ())
+  if not names:
+    return train_ds, test_ds, public_ds, None
+  if not isinstance(train_ds, data_lib.PromptDataset):
+    raise ValueError(f"data.unseen_tasks={names} holds out tasks of instruction data, but data.source="
+                     f"{config.data.source!r} gives {type(train_ds).__name__}; set data.unseen_tasks=().")
+  unknown = [n for n in names if n not in train_ds.task_names]
+  if unknown:
+    raise ValueError(f"data.unseen_tasks names {unknown}, which the data does not hold; choose among "
+                     f"{list(train_ds.task_names)}.")
+  if len(set(names)) == len(train_ds.task_names):
+    raise ValueError(f"data.unseen_tasks holds out all {len(names)} tasks, so no client has data; set "
+                     "data.unseen_tasks to fewer tasks.")
+  public = public_ds.without_tasks(names) if public_ds is not None else None
+  return train_ds.without_tasks(names), test_ds.without_tasks(names), public, test_ds.only_tasks(names)
+
+
+def make_generation_eval(config: ml_collections.ConfigDict, loaded, sets: dict[str, Any],
+                         seen: list[Any]) -> Callable[..., tuple[dict, list]] | None:
+  """The provider's generation evaluator of ``sets`` (``{'test': ds, 'unseen': ds or None}``), or ``None``.
+
+  ``None`` when the model does not generate or ``eval.generate_examples`` is 0. Exact
+  match counts the classification-like tasks (:func:`hetlora.models.generation.classification_tasks`
+  over the examples of ``seen`` and ``sets``), or every example with ``eval.answer_marker``.
+  """
+  e = config.eval
+  limit = e.get("generate_examples", 0)
+  if loaded.generation_eval is None or not limit:
+    return None
+  if not isinstance(limit, int) or limit < 0:
+    raise ValueError(f"eval.generate_examples={limit!r} must be an int >= 0 (prompts answered per "
+                     "evaluation set; 0 = no generation).")
+  datasets = [ds for ds in [*seen, *sets.values()] if ds is not None]
+  classification = generation_lib.classification_tasks(
+      [t for ds in datasets for t in ds.targets],
+      [ds.task_names[i] for ds in datasets for i in ds.task_ids])
+  return loaded.generation_eval(
+      {name: ds for name, ds in sets.items() if ds is not None and len(ds)},
+      max_new_tokens=e.get("max_new_tokens", 32), batch_size=e.batch_size, max_examples=limit,
+      classification=sorted(classification), marker=e.get("answer_marker") or None,
+      samples_per_task=e.get("samples_per_task", 2))
+
+
 def _partition(config, labels: np.ndarray) -> list[np.ndarray]:
   """Client index arrays; ``labels`` are class labels (or task ids, the natural key of prompts)."""
   d = config.data
@@ -242,6 +310,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   validate(config)
   provider = provider_lib.get(config.model.kind)
   train_ds, test_ds, public_ds = load_sources(config)
+  train_ds, test_ds, public_ds, unseen_ds = hold_out_tasks(config, train_ds, test_ds, public_ds)
   classes = provider.TASK == "classification"
   label_names = list(train_ds.label_names) if classes else []
   key = jax.random.key(config.seed)
@@ -249,6 +318,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   loaded = provider.load(config.model, num_labels=len(label_names) if classes else None, key=head_key)
   train, test = loaded.prepare(train_ds), loaded.prepare(test_ds)
   public = loaded.prepare(public_ds) if public_ds is not None else None
+  unseen = loaded.prepare(unseen_ds) if unseen_ds is not None else None
+  generation_eval = make_generation_eval(config, loaded, {"test": test_ds, "unseen": unseen_ds}, [train_ds])
 
   partition = _partition(config, train["label"] if classes else train["task_id"])
   client_ranks = ranks_lib.assign(config.data.num_clients, config.seed, config.lora.r_min,
@@ -256,6 +327,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
                                   config.lora.rank_distribution)
   pattern = config.lora.pattern or provider.DEFAULT_PATTERN
   global_lora = lora_lib.init(lora_key, loaded.base_params, pattern, config.lora.r_max)
+  if config.lora.get("init_from"):
+    global_lora = peft_export.initial_adapter(config, global_lora)
   run = methods_lib.Run(
       client_ranks=client_ranks, clients_per_round=config.server.clients_per_round,
       r_min=config.lora.r_min, r_max=config.lora.r_max, alpha=config.lora.alpha,
@@ -278,7 +351,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
                                  privacy=make_privacy(config)),
       global_lora=global_lora, init_state=server.init(global_lora, client_ranks, method),
       train=train, test=test, partition=partition,
-      public=_public_batches(public, config.client.batch_size), steps=steps, label_names=label_names)
+      public=_public_batches(public, config.client.batch_size), steps=steps, label_names=label_names,
+      unseen=unseen, generation_eval=generation_eval)
 
 
 def cohort_data(exp: Experiment, cohort: np.ndarray, round_index: int):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,43 +203,3 @@ def num_params(lora: LoRA, rank: jax.Array) -> jax.Array:
   """Communicated parameters of a rank-``rank`` adapter: ``sum r (d_in + d_out)``."""
   sizes = [mod["a"].shape[-2] + mod["b"].shape[-1] for mod in modules(lora).values()]
   return jnp.asarray(rank) * int(sum(sizes))
-
-
-def to_peft(lora: LoRA, rank: int, prefix: str = "base_model.model.") -> dict[str, np.ndarray]:
-  """Exports one client's adapter in the PEFT state-dict layout.
-
-  ``lora_A.weight: [r, d_in]`` (our ``a^T``) and ``lora_B.weight: [d_out, r]``
-  (our ``b^T``), module paths joined with dots. Only the first ``rank``
-  slots are written. Scale is not part of the tensors: record ``alpha``
-  and the scale rule beside them (``adapter_config.json``).
-  """
-  out = {}
-  for path, mod in modules(lora).items():
-    name = prefix + path.replace("/", ".")
-    out[name + ".lora_A.weight"] = np.asarray(mod["a"][:, :rank]).T.copy()
-    out[name + ".lora_B.weight"] = np.asarray(mod["b"][:rank, :]).T.copy()
-  return out
-
-
-def from_peft(state: Mapping[str, np.ndarray], like: LoRA,
-              prefix: str = "base_model.model.") -> tuple[LoRA, int]:
-  """Imports a PEFT state dict into a tree shaped like ``like``; returns ``(lora, rank)``."""
-  r_max = r_max_of(like)
-  flat, rank = {}, None
-  for path, mod in modules(like).items():
-    name = prefix + path.replace("/", ".")
-    try:
-      a_t, b_t = state[name + ".lora_A.weight"], state[name + ".lora_B.weight"]
-    except KeyError as e:
-      raise KeyError(f"PEFT state has no tensor {e.args[0]!r} for module {path!r}.") from None
-    r = a_t.shape[0]
-    if r > r_max:
-      raise ValueError(f"{name}: rank {r} exceeds r_max={r_max}; set config.lora.r_max >= {r}.")
-    if rank is not None and r != rank:
-      raise ValueError(f"{name}: rank {r} differs from other modules' rank {rank}.")
-    rank = r
-    chex.assert_shape(a_t, (r, mod["a"].shape[0]))
-    chex.assert_shape(b_t, (mod["b"].shape[1], r))
-    flat[path + "/a"] = jnp.zeros_like(mod["a"]).at[:, :r].set(a_t.T)
-    flat[path + "/b"] = jnp.zeros_like(mod["b"]).at[:r, :].set(b_t.T)
-  return traverse_util.unflatten_dict(flat, sep="/"), int(rank)

@@ -81,6 +81,26 @@ def init(global_lora: lora_lib.LoRA, client_ranks: Any, method: methods_lib.Meth
                      round=jnp.zeros((), jnp.int32), r_max=r_max)
 
 
+def eval_models(method: methods_lib.Method, state: ServerState, base_params: Any, alpha: float,
+                scale_rule: str) -> tuple[Any, lora_lib.LoRA]:
+  """The models the server holds, ready to evaluate: ``(base, adapters)``.
+
+  ``base = method.effective_base(...)`` (the frozen weights, with FLoRA's merged
+  updates) and ``adapters = method.global_adapters(...)``: ``G`` adapters folded
+  with their LoRA scale (``a: [G, d_in, r]``, ``b: [G, r, d_out]``; ``G = 1``
+  unless the method keeps one model per rank group), each what a model's
+  ``lora_eff`` argument takes after ``jax.tree.map(lambda x: x[g], adapters)``.
+
+  Example::
+
+    base, adapters = eval_models(exp.method, state, exp.base_params, 16.0, 'alpha/r_max')
+    lora_eff = jax.tree.map(lambda x: x[0], adapters)
+    logits = model.apply({'params': base, 'lora': lora_eff}, ids, mask)
+  """
+  return (method.effective_base(state.method_state, base_params),
+          method.global_adapters(state.method_state, alpha, scale_rule))
+
+
 def sample_cohort(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
   """``int32[K]`` distinct client ids, a pure function of ``(seed, round)``."""
   if not 1 <= per_round <= num_clients:

@@ -5,13 +5,19 @@ and runs ``config.server.rounds`` rounds. It writes to ``workdir``:
 
 - ``metrics.jsonl``: one JSON object per round (scalars, plus per-client
   arrays ``client_ids``, ``ranks``, ``losses``, ``examples``, ``update_norms``;
-  wall-clock fields live under ``"time"``);
+  wall-clock fields live under ``"time"``); with ``eval.at_start`` a first row
+  ``{"round": 0, ...}`` holds the evaluation of the initial model (for a
+  language model, the zero-shot floor);
 - ``checkpoints/``: orbax checkpoints of the server state every
   ``config.checkpoint_every`` rounds and at the end;
 - ``data_stats.json``: examples, truncated and empty examples and label counts
   per split and per client (:func:`hetlora.data.statistics`; printed at the
   start of a run with a progress bar);
-- ``summary.json`` and ``plots.png`` (accuracy vs round, rank distribution);
+- ``generations/round_<r>.jsonl`` (language models with ``eval.generate_examples``):
+  a few prompts per task with the reference, the model's greedy answer and
+  its ROUGE-L and exact match, at every evaluation;
+- ``summary.json`` and ``plots.png`` (accuracy, or ROUGE-L and loss, vs round;
+  rank distribution);
 - ``tensorboard/`` when ``config.tensorboard`` is set.
 
 Under ``jax.distributed`` every process runs the rounds and saves its part
@@ -59,43 +65,74 @@ from hetlora import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
 DATA_STATS_FILE = "data_stats.json"
+GENERATIONS_DIR = "generations"
 
 
-def make_evaluator(exp: experiment_lib.Experiment) -> Callable[[server.ServerState], dict[str, float]]:
-  """``evaluate(state) -> {'test_<metric>': value}`` of the server's adapter on the test set.
+def make_evaluator(exp: experiment_lib.Experiment
+                   ) -> Callable[[server.ServerState], tuple[dict[str, Any], list[dict[str, Any]]]]:
+  """``evaluate(state) -> (metrics, samples)`` of the server's models on the evaluation data.
 
-  The metrics are the model provider's ``eval_sums`` (accuracy and loss for
+  ``metrics`` holds the model provider's ``eval_sums`` (accuracy and loss for
   a classifier; token loss and accuracy for a language model, plus
-  ``test_perplexity``), each ``sum / weight`` over the test set. The method's
-  ``global_adapters`` gives the ``G`` models to evaluate (one for most
-  methods, one per rank group for methods that keep several) on its ``effective_base``; with
-  ``G > 1`` the mean is reported beside ``test_<metric>_by_group``.
+  ``test_perplexity``), each ``sum / weight`` over the test set as
+  ``test_<metric>``, and over the held-out tasks (``data.unseen_tasks``) as
+  ``test_<metric>_unseen``. With a model that generates and
+  ``eval.generate_examples > 0`` it adds the provider's generation metrics,
+  ``test_rougeL``, ``test_exact_match`` (where defined) and their ``_unseen``
+  forms, and ``samples`` holds a few generations per task (else it is empty).
+  :func:`hetlora.server.eval_models` gives the ``G`` models to evaluate (one
+  for most methods, one per rank group for methods that keep several); with
+  ``G > 1`` the mean is reported beside ``<metric>_by_group``.
   """
   alpha, rule = exp.config.lora.alpha, exp.config.lora.scale_rule
-  method = exp.method
-  models = jax.jit(lambda s: (method.effective_base(s, exp.base_params),
-                              method.global_adapters(s, alpha, rule)))
+  models = jax.jit(lambda state, base: server.eval_models(exp.method, state, base, alpha, rule))
   step = jax.jit(jax.vmap(exp.eval_sums, in_axes=(None, 0, None)))
-  batches = list(data_lib.batches(exp.test, exp.config.eval.batch_size))
+  sets = {"": exp.test, **({"_unseen": exp.unseen} if exp.unseen is not None else {})}
+  batches = {suffix: list(data_lib.batches(cols, exp.config.eval.batch_size)) for suffix, cols in sets.items()}
 
   def evaluate(state):
-    base, adapters = models(state.method_state)   # once per evaluation, not per batch
-    totals: dict[str, list[np.ndarray]] = {}
-    for b in batches:
-      for name, (value, weight) in step(base, adapters, b).items():
-        acc = totals.setdefault(name, [0.0, 0.0])
-        acc[0], acc[1] = acc[0] + np.asarray(value), acc[1] + np.asarray(weight)
-    out = {}
-    for name, (value, weight) in totals.items():
-      per_model = value / np.maximum(weight, 1e-12)
-      out[f"test_{name}"] = float(per_model.mean())
-      if per_model.size > 1:
-        out[f"test_{name}_by_group"] = per_model.tolist()
-    if "test_accuracy" not in out and "test_loss" in out:
-      out["test_perplexity"] = float(np.exp(out["test_loss"]))
-    return out
+    base, adapters = models(state, exp.base_params)   # once per evaluation, not per batch
+    out: dict[str, Any] = {}
+    for suffix, set_batches in batches.items():
+      totals: dict[str, list[np.ndarray]] = {}
+      for b in set_batches:
+        for name, (value, weight) in step(base, adapters, b).items():
+          acc = totals.setdefault(name, [0.0, 0.0])
+          acc[0], acc[1] = acc[0] + np.asarray(value), acc[1] + np.asarray(weight)
+      for name, (value, weight) in totals.items():
+        _put(out, f"test_{name}{suffix}", value / np.maximum(weight, 1e-12))
+      if "accuracy" not in totals and "loss" in totals:
+        out[f"test_perplexity{suffix}"] = float(np.exp(out[f"test_loss{suffix}"]))
+    samples: list[dict[str, Any]] = []
+    if exp.generation_eval is not None:
+      metrics, samples = exp.generation_eval(base, adapters)
+      for set_name, values in metrics.items():
+        suffix = "" if set_name == "test" else f"_{set_name}"
+        for name, per_model in values.items():
+          _put(out, f"test_{name}{suffix}", np.asarray(per_model, np.float64))
+    return out, samples
 
   return evaluate
+
+
+def _put(out: dict[str, Any], key: str, per_model: np.ndarray) -> None:
+  """``out[key]``: the mean over the ``G`` models; ``out[key + '_by_group']`` too when ``G > 1``."""
+  out[key] = float(np.mean(per_model))
+  if per_model.size > 1:
+    out[f"{key}_by_group"] = per_model.tolist()
+
+
+def _evaluate_into(record: dict[str, Any], evaluate, state, workdir: Path, writes: bool) -> None:
+  """Adds the evaluation of ``state`` to ``record`` (time under ``time.eval_s``); the writer saves
+  the generations to ``generations/round_<r>.jsonl``."""
+  t0 = time.perf_counter()
+  metrics, samples = evaluate(state)
+  record.update(metrics)
+  record.setdefault("time", {})["eval_s"] = time.perf_counter() - t0
+  if writes and samples:
+    path = workdir / GENERATIONS_DIR / f"round_{record['round']}.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    workdir_lib.atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in samples))
 
 
 def _comm_params(exp, ranks: np.ndarray) -> int:
@@ -304,7 +341,7 @@ def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end,
     history = _read_metrics(metrics_path, start)
     if writes:
       workdir_lib.atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
-      if [row["round"] for row in history] != list(range(1, start + 1)):
+      if [row["round"] for row in history if row["round"] > 0] != list(range(1, start + 1)):
         logging.warning("%s holds rounds %s but the checkpoint is at round %d; the summary lacks the others",
                         metrics_path, [row["round"] for row in history], start)
     writer = _tensorboard(workdir) if writes and config.get("tensorboard", False) else None
@@ -313,6 +350,13 @@ def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end,
       workdir_lib.atomic_write_text(workdir / DATA_STATS_FILE, json.dumps(stats, indent=2))
       if progress:
         print(data_lib.format_statistics(stats), flush=True)
+    if start == 0 and config.eval.get("at_start", False) and not any(row["round"] == 0 for row in history):
+      record = {"round": 0}
+      _evaluate_into(record, evaluate, state, workdir, writes)
+      if writes:
+        with metrics_path.open("a") as f:
+          f.write(json.dumps(record) + "\n")
+      history.append(record)
     run_key = jax.random.key(config.seed + 1)
     bar = tqdm.trange(start, rounds, initial=start, total=rounds, disable=not progress, desc="rounds")
     for r in bar:
@@ -324,7 +368,7 @@ def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end,
       jax.block_until_ready(state)
       record = _round_record(exp, r, cohort, result, n, time.perf_counter() - t0)
       if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
-        record.update(evaluate(state))
+        _evaluate_into(record, evaluate, state, workdir, writes)
       if writes:
         with metrics_path.open("a") as f:
           f.write(json.dumps(record) + "\n")
@@ -351,8 +395,12 @@ def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end,
 
 
 def headline_metric(history: list[dict[str, Any]]) -> str:
-  """``'test_accuracy'`` for classifiers, else ``'test_loss'`` (language models)."""
-  return "test_accuracy" if any("test_accuracy" in row for row in history) else "test_loss"
+  """``'test_accuracy'`` for classifiers, ``'test_rougeL'`` for language models evaluated by
+  generation, else ``'test_loss'``."""
+  for key in ("test_accuracy", "test_rougeL"):
+    if any(key in row for row in history):
+      return key
+  return "test_loss"
 
 
 def history_last(history: list[dict[str, Any]], key: str) -> float:
@@ -361,23 +409,35 @@ def history_last(history: list[dict[str, Any]], key: str) -> float:
   return values[-1] if values else float("nan")
 
 
+GENERATION_SUMMARY = ("test_rougeL", "test_rougeL_unseen", "test_exact_match", "test_exact_match_unseen",
+                      "test_loss_unseen")
+
+
 def _summary(config, exp, state, history) -> dict[str, Any]:
+  rounds = [row for row in history if row["round"] > 0]   # without the round-0 evaluation
   accs = [(row["round"], row["test_accuracy"]) for row in history if "test_accuracy" in row]
-  return {
+  summary = {
       "method": config.method.name,
       "source": config.data.source,
-      "rounds": len(history),
+      "rounds": len(rounds),
       "final_test_accuracy": history_last(history, "test_accuracy"),
       "final_test_loss": history_last(history, "test_loss"),
       "best_test_accuracy": max((a for _, a in accs), default=float("nan")),
       "accuracy_by_round": accs,
       "final_train_loss": history_last(history, "train_loss"),
-      "total_comm_params": int(sum(row["comm_params"] for row in history)),
-      "train_seconds": float(sum(row["time"]["round_s"] for row in history)),
+      "total_comm_params": int(sum(row["comm_params"] for row in rounds)),
+      "train_seconds": float(sum(row["time"]["round_s"] for row in rounds)),
       "final_client_ranks": np.asarray(state.client_ranks).tolist(),
       "num_train_examples": int(len(exp.train["input_ids"])),
       "num_test_examples": int(len(exp.test["input_ids"])),
   }
+  for key in GENERATION_SUMMARY:
+    if any(key in row for row in history):
+      summary[f"final_{key}"] = history_last(history, key)
+  if any("test_rougeL" in row for row in history):
+    summary["rougeL_by_round"] = [(row["round"], row["test_rougeL"], row.get("test_rougeL_unseen"))
+                                  for row in history if "test_rougeL" in row]
+  return summary
 
 
 def _tensorboard(workdir: Path):
@@ -386,22 +446,29 @@ def _tensorboard(workdir: Path):
 
 
 def plot(history, ranks_start: np.ndarray, ranks_end: np.ndarray, path: Path, title: str = "") -> None:
-  """Saves a PNG: test accuracy vs round, and the client rank histogram at start and end."""
+  """Saves a PNG: the headline test metric vs round (ROUGE-L and the test loss for a language
+  model evaluated by generation; held-out tasks dashed), and the client rank histogram at start
+  and end."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
   metric = headline_metric(history)
-  values = [(row["round"], row[metric]) for row in history if metric in row]
-  if values:
-    ax1.plot(*zip(*values), marker="o")
-  ax1.set(xlabel="round", ylabel=metric.replace("_", " "), title=title)
-  ax1.grid(alpha=0.3)
+  metrics = [metric, "test_loss"] if metric == "test_rougeL" else [metric]
+  fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 3.6))
+  for ax, key in zip(axes, metrics):
+    for name, style in ((key, "o-"), (f"{key}_unseen", "s--")):
+      values = [(row["round"], row[name]) for row in history if name in row]
+      if values:
+        ax.plot(*zip(*values), style, label="unseen tasks" if name.endswith("_unseen") else "test")
+    ax.set(xlabel="round", ylabel=key.replace("_", " "), title=title if ax is axes[0] else "")
+    ax.grid(alpha=0.3)
+    if any(f"{key}_unseen" in row for row in history):
+      ax.legend()
   bins = np.arange(1, max(ranks_start.max(), ranks_end.max()) + 2) - 0.5
-  ax2.hist([ranks_start, ranks_end], bins=bins, label=["start", "end"])
-  ax2.set(xlabel="client rank", ylabel="clients", title="rank distribution")
-  ax2.legend()
+  axes[-1].hist([ranks_start, ranks_end], bins=bins, label=["start", "end"])
+  axes[-1].set(xlabel="client rank", ylabel="clients", title="rank distribution")
+  axes[-1].legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -25,7 +25,9 @@ after the experiment is built (so an invalid config creates nothing):
 
 :data:`RESUMABLE` fields may change on resume: ``server.rounds`` (extend or
 finish a run; never below the rounds already done), ``eval.every``,
-``eval.batch_size``, ``checkpoint_every``, ``checkpoints_to_keep``,
+``eval.batch_size``, the generation settings ``eval.at_start``,
+``eval.generate_examples``, ``eval.max_new_tokens``, ``eval.answer_marker``,
+``eval.samples_per_task``, ``checkpoint_every``, ``checkpoints_to_keep``,
 ``tensorboard``, ``client.backend`` and ``client.chunk_size`` (every backend
 gives the same numbers).
 
@@ -56,9 +58,10 @@ IDENTITY_FILE = "identity.json"
 CONFIG_FILE = "config.json"
 # Everything a run writes at the top of its workdir (removed if the run fails before its first round).
 RUN_FILES = (LOCK_FILE, IDENTITY_FILE, CONFIG_FILE, "metrics.jsonl", "data_stats.json", "checkpoints",
-             "summary.json", "plots.png", "tensorboard")
-RESUMABLE = ("server.rounds", "eval.every", "eval.batch_size", "checkpoint_every", "checkpoints_to_keep",
-             "tensorboard", "client.backend", "client.chunk_size")
+             "summary.json", "plots.png", "tensorboard", "generations")
+RESUMABLE = ("server.rounds", "eval.every", "eval.batch_size", "eval.at_start", "eval.generate_examples",
+             "eval.max_new_tokens", "eval.answer_marker", "eval.samples_per_task", "checkpoint_every",
+             "checkpoints_to_keep", "tensorboard", "client.backend", "client.chunk_size")
 _ABSENT = "(absent)"
 
 

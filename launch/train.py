@@ -31,12 +31,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   parallel.maybe_initialize_distributed()
   summary = trainer.run(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps({k: summary[k] for k in ("method", "rounds", "final_test_accuracy", "best_test_accuracy",
-                                            "final_test_loss", "train_seconds")}, indent=2))
+  keys = ("method", "rounds", "final_test_accuracy", "best_test_accuracy", "final_test_loss",
+          *(f"final_{k}" for k in trainer.GENERATION_SUMMARY), "train_seconds")
+  print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
   if math.isnan(summary["final_test_accuracy"]):
     print(f"final test loss: {summary['final_test_loss']:.4f}")
   else:
     print(f"final test accuracy: {summary['final_test_accuracy']:.4f}")
+  if "rougeL_by_round" in summary:
+    print("test ROUGE-L by round (seen tasks, unseen tasks): " + ", ".join(
+        f"{r}: {seen:.3f}" + ("" if unseen is None else f" / {unseen:.3f}")
+        for r, seen, unseen in summary["rougeL_by_round"]))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,24 @@
 """Shared test settings: float32 on CPU, deterministic, a few helpers."""
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+# One persistent XLA cache per pytest run, made by the controlling process and inherited (through the
+# environment) by the xdist workers and every subprocess a test starts: tests that build the same
+# programs (the tiny trainer runs, resumed children, the 8-device child) compile each one once. It
+# starts empty, so nothing carries over between runs. Set JAX_COMPILATION_CACHE_DIR to choose the folder.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="hetlora-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import hypothesis
 import pytest

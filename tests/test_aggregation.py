@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, strategies as st
 
 from hetlora import aggregation
-from hetlora import lora as lora_lib
 from hetlora import methods
 from hetlora.methods import hetlora, homlora, zero_pad
 

@@ -1,6 +1,5 @@
 """The quickstart notebook runs top to bottom (tiny setting)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -92,7 +92,7 @@ def test_configs_keep_every_declared_source_option():
     assert set(c.data.source_kwargs) == params and set(c.data.test_kwargs) == params
     assert experiment.source_options(c, "source_kwargs") == train
     assert experiment.source_options(c, "test_kwargs") == test
-  assert len(tasks) == 4
+  assert len(tasks) == 5   # 4 clients and 1 unseen task
 
 
 def test_load_sources_passes_only_set_options(tmp_path):

@@ -54,7 +54,7 @@ print("done", flush=True)
 
 
 def _launch(tmp_path, model_dir, workdir, kill_in_save=None):
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), **os.environ,   # conftest's run-wide cache
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   if kill_in_save:
     env["HETLORA_TEST_KILL_IN_SAVE"] = "%d:%.3f" % kill_in_save

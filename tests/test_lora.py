@@ -87,21 +87,6 @@ def test_resize_pads_and_slices():
   assert small["m"]["b"].shape == (2, 4)
 
 
-def test_peft_round_trip_and_layout():
-  _, base = _base()
-  lora = lora_lib.init(jax.random.key(1), base, "kernel", r_max=4)
-  lora = jax.tree.map(lambda x: x + 1.0, lora)
-  lora = lora_lib.mask(lora, jnp.int32(3))
-  state = lora_lib.to_peft(lora, 3)
-  assert state["base_model.model.hidden_0.lora_A.weight"].shape == (3, 4)
-  assert state["base_model.model.hidden_0.lora_B.weight"].shape == (6, 3)
-  back, rank = lora_lib.from_peft(state, lora)
-  assert rank == 3
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), back, lora)
-  with pytest.raises(KeyError, match="lora_A"):
-    lora_lib.from_peft({}, lora)
-
-
 def test_num_params_counts_rank_times_dims():
   _, base = _base()
   lora = lora_lib.init(jax.random.key(1), base, "kernel", r_max=4)

@@ -8,7 +8,7 @@ from hetlora import client, lora as lora_lib, methods, ranks as ranks_lib, serve
 from hetlora.models import tiny
 
 import numpy_reference as ref
-from test_client import D_IN, D_OUT, R_MAX, _linear, _nonzero_lora, _regression_data
+from test_client import R_MAX, _linear, _nonzero_lora, _regression_data
 
 
 def test_round_matches_numpy_reference():

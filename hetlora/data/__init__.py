@@ -30,6 +30,8 @@ from hetlora.data.sources import TextDataset
 from hetlora.data.sources import align_labels
 from hetlora.data.sources import banking77
 from hetlora.data.sources import get_source
+from hetlora.data.sources import instruction_prompt
+from hetlora.data.sources import instructions
 from hetlora.data.sources import load_csv
 from hetlora.data.sources import load_jsonl
 from hetlora.data.sources import natinst
@@ -41,11 +43,13 @@ from hetlora.data.stats import format_statistics
 from hetlora.data.stats import statistics
 from hetlora.data.tokenize import tokenize_dataset
 from hetlora.data.tokenize import tokenize_prompts
+from hetlora.data.tokenize import tokenize_prompts_only
 
 __all__ = [
     "ClientStats", "PromptDataset", "SOURCES", "TextDataset", "align_labels", "banking77", "batches",
     "client_stats", "cohort_indices", "data_statistics", "dirichlet", "epoch_steps", "format_statistics",
-    "format_stats", "get_source", "iid", "load_csv", "load_jsonl", "make_partition", "natinst",
-    "natinst_task", "natural", "pack_cohort", "shards", "statistics", "tfds_source", "tokenize_dataset",
-    "tokenize_prompts", "tweets", "validate_partition",
+    "format_stats", "get_source", "iid", "instruction_prompt", "instructions", "load_csv", "load_jsonl",
+    "make_partition", "natinst", "natinst_task", "natural", "pack_cohort", "shards", "statistics",
+    "tfds_source", "tokenize_dataset", "tokenize_prompts",
+    "tokenize_prompts_only", "tweets", "validate_partition",
 ]

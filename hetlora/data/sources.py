@@ -20,6 +20,9 @@ Sources (look them up by name with :func:`get_source`):
   Generalization via Natural Language Crowdsourcing Instructions", ACL 2022,
   arXiv:2104.08773); one task is one natural federated client, as in
   HetLoRA (Cho et al., EMNLP 2024, arXiv:2401.06432).
+- ``instructions``: your own instruction data, a JSONL file of
+  instruction/input/output or ``messages`` rows, with an optional client
+  field for a natural partition.
 
 Training and test data must share one label map: :func:`align_labels` re-indexes
 a test set into the training set's label names (an unseen test label is an
@@ -94,15 +97,19 @@ class PromptDataset:
   """Prompt/target pairs grouped by task (instruction tuning).
 
   Attributes:
-    prompts: ``N`` prompt strings (task definition + input).
+    prompts: ``N`` prompt strings (task definition + input; for a conversation, its
+      turns as ``'role: content'`` lines, the text a model without a chat template reads).
     targets: ``N`` target strings.
     task_ids: ``int32[N]`` index into ``task_names``: the natural client key.
     task_names: task names, indexed by task id.
+    messages: ``N`` conversations before the target (``[{'role', 'content'}, ...]``)
+      or ``None`` per example (a single user turn, the prompt); ``None`` for all.
   """
   prompts: list[str]
   targets: list[str]
   task_ids: np.ndarray
   task_names: list[str]
+  messages: list[list[dict[str, str]] | None] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "task_ids", np.asarray(self.task_ids, dtype=np.int32))
@@ -110,6 +117,9 @@ class PromptDataset:
       raise ValueError(
           f"prompts, targets and task_ids differ in length: "
           f"{len(self.prompts)}, {len(self.targets)}, {self.task_ids.shape[0]}.")
+    if self.messages is not None and len(self.messages) != len(self.prompts):
+      raise ValueError(f"messages has {len(self.messages)} entries for {len(self.prompts)} prompts; "
+                       "give one (or None) per example.")
 
   def __len__(self) -> int:
     return len(self.prompts)
@@ -117,8 +127,26 @@ class PromptDataset:
   def select(self, indices: Sequence[int] | np.ndarray) -> "PromptDataset":
     """The examples at ``indices: int[M]``, with the same task names."""
     idx = np.asarray(indices, dtype=np.int64)
+    messages = None if self.messages is None else [self.messages[i] for i in idx]
     return PromptDataset([self.prompts[i] for i in idx], [self.targets[i] for i in idx],
-                         self.task_ids[idx], list(self.task_names))
+                         self.task_ids[idx], list(self.task_names), messages)
+
+  def only_tasks(self, names: Sequence[str]) -> "PromptDataset":
+    """The examples of the tasks ``names`` (in that order), task ids renumbered ``0..len(names)-1``."""
+    names = list(names)
+    unknown = [n for n in names if n not in self.task_names]
+    if unknown:
+      raise ValueError(f"tasks {unknown} are not in the data; its tasks are {list(self.task_names)}.")
+    new_id = np.full(len(self.task_names), -1, np.int32)
+    for i, n in enumerate(names):
+      new_id[self.task_names.index(n)] = i
+    idx = np.flatnonzero(new_id[self.task_ids] >= 0)
+    kept = self.select(idx)
+    return dataclasses.replace(kept, task_ids=new_id[kept.task_ids], task_names=names)
+
+  def without_tasks(self, names: Sequence[str]) -> "PromptDataset":
+    """The examples of every task but ``names``, task ids renumbered in the remaining order."""
+    return self.only_tasks([n for n in self.task_names if n not in set(names)])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -507,6 +535,123 @@ def natinst(data_dir: str | os.PathLike | None = None, tasks: Sequence[str] | No
   return PromptDataset(prompts, targets, np.asarray(ids, np.int32), names)
 
 
+# ----------------------------------------------------------------------------- instruction data (JSONL)
+
+ROLES = ("system", "user", "assistant")
+
+
+def instruction_prompt(instruction: str, input_text: str = "") -> str:
+  """The prompt of an instruction row, natural-instructions style (:func:`natinst_task`)."""
+  if input_text.strip():
+    return f"{instruction.strip()}\n\nInput: {input_text.strip()}\nOutput:"
+  return f"{instruction.strip()}\nOutput:"
+
+
+def _conversation(row: dict, where: str) -> tuple[list[dict[str, str]], str]:
+  """``(turns before the answer, answer)`` of a ``messages`` row; errors name ``where`` (file:line)."""
+  turns = row["messages"]
+  if not isinstance(turns, list) or not turns:
+    raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+  for i, m in enumerate(turns):
+    if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+      raise ValueError(f"{where}: messages[{i}] = {str(m)[:80]} must be {{'role': one of {ROLES}, "
+                       "'content': a string}.")
+  if turns[-1]["role"] != "assistant":
+    raise ValueError(f"{where}: the last message is a {turns[-1]['role']!r} turn; it must be the "
+                     "'assistant' answer the model learns (end the conversation with it).")
+  if not any(m["role"] == "user" for m in turns[:-1]):
+    raise ValueError(f"{where}: 'messages' has no 'user' turn before the answer; add the question.")
+  return [{"role": m["role"], "content": m["content"]} for m in turns[:-1]], turns[-1]["content"]
+
+
+def _instruction_row(row: Any, where: str, client_key: str) -> tuple[str, str, list | None, str | None]:
+  """``(prompt, target, messages or None, client or None)`` of one JSONL row."""
+  if not isinstance(row, dict):
+    raise ValueError(f"{where}: expected a JSON object per line, got {type(row).__name__}.")
+  client = row.get(client_key)
+  if client is not None and not isinstance(client, (str, int)):
+    raise ValueError(f"{where}: {client_key!r} = {client!r} must be a string or an integer (the client).")
+  client = None if client is None else str(client)
+  if "messages" in row:
+    turns, answer = _conversation(row, where)
+    lines = [f"{m['role'].capitalize()}: {m['content'].strip()}" for m in turns]
+    return "\n".join(lines) + "\nAssistant:", " " + answer.strip(), turns, client
+  missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str) or not row[k].strip()]
+  if missing:
+    raise ValueError(f"{where}: {missing} missing or blank; each row needs 'instruction' and 'output' "
+                     f"(and optionally 'input'), or 'messages'. It has keys {sorted(row)}.")
+  input_text = row.get("input") or ""
+  if not isinstance(input_text, str):
+    raise ValueError(f"{where}: 'input' must be a string, got {type(input_text).__name__}.")
+  return instruction_prompt(row["instruction"], input_text), " " + row["output"].strip(), None, client
+
+
+def instructions(path: str | os.PathLike | None = None, split: str = "all", test_fraction: float = 0.1,
+                 seed: int = 0, client_key: str = "client", encoding: str = "utf-8") -> PromptDataset:
+  """Instruction data of your own: a JSONL file of instruction/input/output or chat rows.
+
+  Each line is one example, either ``{"instruction": str, "input": str (optional),
+  "output": str}`` (the prompt is :func:`instruction_prompt`'s, the target the
+  output) or ``{"messages": [{"role": "system"|"user"|"assistant", "content": str},
+  ...]}`` whose last turn, an assistant turn, is the target and whose earlier
+  turns are the prompt (in the model's chat template). An optional
+  ``client_key`` field (default ``"client"``) names the example's client: the
+  clients are the tasks of the :class:`PromptDataset` (``data.partition =
+  'natural'`` gives one federated client each). Rows without it belong to task
+  ``'all'`` (partition them with ``'iid'`` or ``'dirichlet'``).
+
+  Args:
+    path: the ``.jsonl`` file (``.jsonl.gz`` is read directly).
+    split: ``'all'``, ``'train'`` or ``'test'``: each client's rows split by a permutation
+      seeded with ``(seed, client index)``, ``test_fraction`` to test. For a test file of
+      its own, set ``data.test_kwargs.path`` and ``data.test_kwargs.split='all'``.
+    test_fraction, seed: that split.
+    client_key: the field naming an example's client.
+    encoding: the file's text encoding.
+
+  Raises:
+    ValueError: a row is not JSON or lacks its fields (naming the file and line).
+
+  Example::
+
+    ds = instructions('mine.jsonl', split='train')   # {"instruction": ..., "output": ..., "client": "a"}
+  """
+  if split not in ("train", "test", "all"):
+    raise ValueError(f"instructions split {split!r} is unknown; choose split='train', 'test' or 'all' "
+                     "(in a config: config.data.test_kwargs.split).")
+  if not 0.0 <= test_fraction < 1.0:
+    raise ValueError(f"instructions test_fraction={test_fraction} must be in [0, 1); "
+                     "set config.data.source_kwargs.test_fraction, e.g. 0.1.")
+  p = _require_path(path, "path", "instruction JSONL file")
+  rows = []
+  for line_no, line in enumerate(_read_text(p, encoding, "path").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{p}:{line_no}: not valid JSON ({e.msg}); fix or remove that line.") from None
+    rows.append(_instruction_row(row, f"{p}:{line_no}", client_key))
+  if not rows:
+    raise ValueError(f"{p}: the JSONL file is empty (no records); set config.data.source_kwargs.path "
+                     "to a file with one JSON object per line.")
+  names = sorted({c for *_, c in rows if c is not None}) + (["all"] if any(c is None for *_, c in rows) else [])
+  task_of = {n: i for i, n in enumerate(names)}
+  ids = np.asarray([task_of["all" if c is None else c] for *_, c in rows], np.int32)
+  keep = []
+  for t in range(len(names)):
+    where = np.flatnonzero(ids == t)
+    if split != "all":
+      order = np.random.default_rng([seed, t]).permutation(len(where))
+      n_test = int(round(len(where) * test_fraction))
+      where = np.sort(where[order[:n_test]] if split == "test" else where[order[n_test:]])
+    keep.extend(where.tolist())
+  keep = np.sort(np.asarray(keep, np.int64))
+  messages = [rows[i][2] for i in keep]
+  return PromptDataset([rows[i][0] for i in keep], [rows[i][1] for i in keep], ids[keep], names,
+                       messages if any(m is not None for m in messages) else None)
+
+
 # ----------------------------------------------------------------------------- registry
 
 SOURCES: dict[str, Callable[..., TextDataset | PromptDataset]] = {
@@ -516,6 +661,7 @@ SOURCES: dict[str, Callable[..., TextDataset | PromptDataset]] = {
     "tweets": tweets,
     "tfds": tfds_source,
     "natinst": natinst,
+    "instructions": instructions,
 }
 
 

@@ -92,8 +92,13 @@ def data_statistics(train: Mapping[str, np.ndarray], test: Mapping[str, np.ndarr
 
 def statistics(exp) -> dict[str, Any]:
   """:func:`data_statistics` of an :class:`hetlora.experiment.Experiment` (its ``train``,
-  ``test``, ``partition`` and ``label_names``), e.g. to write ``data_stats.json``."""
-  return data_statistics(exp.train, exp.test, exp.partition, label_names=list(exp.label_names) or None)
+  ``test``, ``partition`` and ``label_names``), e.g. to write ``data_stats.json``; the
+  held-out tasks' set (``exp.unseen``, when there is one) as the split ``'unseen'``."""
+  stats = data_statistics(exp.train, exp.test, exp.partition, label_names=list(exp.label_names) or None)
+  unseen = getattr(exp, "unseen", None)
+  if unseen is not None:
+    stats["unseen"] = _split(unseen, _label_key(unseen), [])
+  return stats
 
 
 def _share(count: int | None, n: int) -> str:
@@ -116,7 +121,9 @@ def format_statistics(stats: Mapping[str, Any], max_clients: int = 20) -> str:
   """A plain-text report of :func:`data_statistics`: one line per split, a client summary,
   then one line per client (at most ``max_clients``)."""
   lines = []
-  for split in ("train", "test"):
+  for split in ("train", "test", "unseen"):
+    if split not in stats:
+      continue
     s = stats[split]
     lines.append(f"{split:5s}: {s['examples']} examples, truncated {_share(s['truncated'], s['examples'])}, "
                  f"empty {_share(s['empty'], s['examples'])}; {_labels_line(s.get('label_counts'))}")

@@ -38,6 +38,9 @@ keeps its first ``prompt_head`` share of the room left (the chat template's
 system turn and the start of the question) and its last tokens (the end of the
 question and the assistant header, next to the answer).
 
+Generation inputs (:func:`tokenize_prompts_only`): ``[bos] prompt``, cut the
+same way, for a decoder to continue.
+
 ``loss_mask[n, i] = 1`` marks token ``i`` as a prediction target; a trainer
 predicting token ``i`` from position ``i - 1`` weights its loss with
 ``loss_mask[:, 1:]``.
@@ -209,3 +212,32 @@ def tokenize_prompts(ds: PromptDataset, encode_fn: EncodeFn, max_len: int, *, pa
   _report("tokenize_prompts", truncated, empty, max_len)
   return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss,
           "task_id": np.asarray(ds.task_ids, np.int32), "truncated": truncated, "empty": empty}
+
+
+def tokenize_prompts_only(prompts: Sequence[str], encode_fn: EncodeFn, max_len: int, *, pad_id: int = 0,
+                          bos_id: int | None = None, chunk_size: int = 1024,
+                          prompt_head: float = 0.25) -> dict[str, np.ndarray]:
+  """Generation inputs ``[bos] prompt``, right-padded, for a decoder to continue.
+
+  A prompt longer than ``max_len`` (``bos`` included) loses its middle as in
+  :func:`tokenize_prompts`: its first ``floor(prompt_head * room)`` tokens and
+  its last ones stay (the assistant header next to the answer).
+
+  Returns:
+    ``input_ids, attention_mask: int32[N, max_len]`` and ``truncated: bool[N]``.
+  """
+  _check_max_len(max_len)
+  room = max_len - (bos_id is not None)
+  if room < 1:
+    raise ValueError(f"max_len={max_len} leaves no room for a prompt after bos; set config.model.max_len larger.")
+  rows, cut = _encode_all(prompts, encode_fn, chunk_size)
+  n = len(prompts)
+  input_ids = np.full((n, max_len), pad_id, np.int32)
+  attention = np.zeros((n, max_len), np.int32)
+  for i, full in enumerate(rows.get("input_ids", [])):
+    p = _cut_prompt(np.asarray(full), room, prompt_head)
+    cut[i] |= len(p) < len(full)
+    seq = ([bos_id] if bos_id is not None else []) + list(p)
+    input_ids[i, :len(seq)] = seq
+    attention[i, :len(seq)] = 1
+  return {"input_ids": input_ids, "attention_mask": attention, "truncated": cut}

@@ -10,6 +10,7 @@ known package model (:func:`hetlora.models.files.resolve`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,45 @@ def read_safetensors(path: str | os.PathLike, names: set[str] | None = None
   return out
 
 
+# The encoder layer's linear modules: our module path under ``encoder/layer_{i}`` -> the HF module
+# under ``encoder.layer.{i}``. One table for loading (:func:`_hf_names`) and for naming adapters
+# (:func:`hf_module_name`, :func:`flax_module_path`).
+LAYER_LINEARS = {
+    "attention/query": "attention.self.query",
+    "attention/key": "attention.self.key",
+    "attention/value": "attention.self.value",
+    "attention/output": "attention.output.dense",
+    "mlp/intermediate": "intermediate.dense",
+    "mlp/output": "output.dense",
+}
+_OUR_LAYER = re.compile(r"encoder/layer_(\d+)/(.+)")
+_HF_LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+
+
+def hf_module_name(path: str) -> str | None:
+  """The ``transformers`` ``BertModel`` module of our linear module ``path``, or ``None``.
+
+  ``None`` for modules a BERT checkpoint does not hold (the classifier head).
+
+  Example:
+    >>> hf_module_name("encoder/layer_3/attention/query")
+    'encoder.layer.3.attention.self.query'
+  """
+  match = _OUR_LAYER.fullmatch(path)
+  if not match or match.group(2) not in LAYER_LINEARS:
+    return None
+  return f"encoder.layer.{match.group(1)}.{LAYER_LINEARS[match.group(2)]}"
+
+
+def flax_module_path(name: str) -> str | None:
+  """The inverse of :func:`hf_module_name` (a ``bert.`` prefix is ignored), or ``None``."""
+  match = _HF_LAYER.fullmatch(name.removeprefix("bert."))
+  ours = {hf: o for o, hf in LAYER_LINEARS.items()}
+  if not match or match.group(2) not in ours:
+    return None
+  return f"encoder/layer_{match.group(1)}/{ours[match.group(2)]}"
+
+
 def _hf_names(config: BertConfig) -> dict[str, tuple[str, bool]]:
   """``{flax path: (HF name without prefix, transpose?)}`` for the encoder."""
   m = {
@@ -69,18 +109,10 @@ def _hf_names(config: BertConfig) -> dict[str, tuple[str, bool]]:
       "embeddings/layer_norm/scale": ("embeddings.LayerNorm.weight", False),
       "embeddings/layer_norm/bias": ("embeddings.LayerNorm.bias", False),
   }
-  per_layer = {
-      "attention/query": "attention.self.query",
-      "attention/key": "attention.self.key",
-      "attention/value": "attention.self.value",
-      "attention/output": "attention.output.dense",
-      "mlp/intermediate": "intermediate.dense",
-      "mlp/output": "output.dense",
-  }
   norms = {"attention_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"}
   for i in range(config.num_hidden_layers):
     ours, theirs = f"encoder/layer_{i}", f"encoder.layer.{i}"
-    for o, t in per_layer.items():
+    for o, t in LAYER_LINEARS.items():
       m[f"{ours}/{o}/kernel"] = (f"{theirs}.{t}.weight", True)
       m[f"{ours}/{o}/bias"] = (f"{theirs}.{t}.bias", False)
     for o, t in norms.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   hd = rows // n_heads
   rest = w.shape[1:]
   return w.reshape(n_heads, hd // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's Q/K row order, the inverse of :func:`unpermute_qk` (as its converter writes).
+
+  Args:
+    w: ``[n_heads * head_dim, ...]`` in Hugging Face row order (e.g. a kernel
+      ``[out, in]`` or a LoRA ``lora_b: [out, r]``).
+    n_heads: query heads for Q, key/value heads for K.
+
+  Returns:
+    ``[n_heads * head_dim, ...]`` in GGUF row order.
+  """
+  rows = w.shape[0]
+  hd = rows // n_heads
+  rest = w.shape[1:]
+  return w.reshape(n_heads, 2, hd // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
 def open_gguf(path: str | os.PathLike):
@@ -142,12 +160,72 @@ GGUF_NAMES = {
     "o_proj": "blk.{i}.attn_output", "gate_proj": "blk.{i}.ffn_gate", "up_proj": "blk.{i}.ffn_up",
     "down_proj": "blk.{i}.ffn_down", "attn_norm": "blk.{i}.attn_norm", "mlp_norm": "blk.{i}.ffn_norm",
 }
+_MODULE_PATH = re.compile(r"layers_(\d+)/(?:attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj))")
+
+
+def gguf_weight_name(module_path: str) -> str:
+  """The GGUF weight that a Flax module path of :class:`Llama` adapts (:data:`GGUF_NAMES` read backwards).
+
+  Example:
+    >>> gguf_weight_name('layers_3/attn/q_proj'), gguf_weight_name('lm_head')
+    ('blk.3.attn_q.weight', 'output.weight')
+
+  Raises:
+    KeyError: ``module_path`` is no 2-D projection of the decoder.
+  """
+  if module_path == "lm_head":
+    return GGUF_NAMES["lm_head"] + ".weight"
+  m = _MODULE_PATH.fullmatch(module_path)
+  if m is None:
+    raise KeyError(f"module path {module_path!r} is no Llama projection; expected 'lm_head' or "
+                   "'layers_<i>/attn/{q,k,v,o}_proj' or 'layers_<i>/mlp/{gate,up,down}_proj'.")
+  return GGUF_NAMES[m.group(2) or m.group(3)].format(i=int(m.group(1))) + ".weight"
+
+
 HF_NAMES = {
     "embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
     **{name: "model.layers.{i}.self_attn." + name for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
     **{name: "model.layers.{i}.mlp." + name for name in ("gate_proj", "up_proj", "down_proj")},
     "attn_norm": "model.layers.{i}.input_layernorm", "mlp_norm": "model.layers.{i}.post_attention_layernorm",
 }
+
+# Our module path of each linear role (the tree :func:`_assemble` builds); with :data:`HF_NAMES`, the
+# one table that names adapters both ways (:func:`hf_module_name`, :func:`flax_module_path`).
+FLAX_LINEARS = {
+    **{name: "layers_{i}/attn/" + name for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{name: "layers_{i}/mlp/" + name for name in ("gate_proj", "up_proj", "down_proj")},
+    "lm_head": "lm_head",
+}
+
+
+def _template_regex(template: str, layer: str) -> re.Pattern:
+  return re.compile(re.escape(template).replace(re.escape("{i}"), layer))
+
+
+def hf_module_name(path: str) -> str | None:
+  """The ``transformers`` ``LlamaForCausalLM`` module of our linear module ``path``, or ``None``.
+
+  Kernels loaded from GGUF are already in Hugging Face row order (:func:`unpermute_qk`), so the
+  names apply to both sources.
+
+  Example:
+    >>> hf_module_name("layers_2/attn/q_proj")
+    'model.layers.2.self_attn.q_proj'
+  """
+  for role, ours in FLAX_LINEARS.items():
+    match = _template_regex(ours, r"(\d+)").fullmatch(path)
+    if match:
+      return HF_NAMES[role].format(i=match.group(1) if match.groups() else None)
+  return None
+
+
+def flax_module_path(name: str) -> str | None:
+  """The inverse of :func:`hf_module_name`, or ``None``."""
+  for role, ours in FLAX_LINEARS.items():
+    match = _template_regex(HF_NAMES[role], r"(\d+)").fullmatch(name)
+    if match:
+      return ours.format(i=match.group(1) if match.groups() else None)
+  return None
 
 
 def _taker(tensors: dict[str, np.ndarray], where: str):

@@ -19,7 +19,12 @@ kernel ``[d_in, d_out]``, so a LoRA tree with paths such as
     logits = model.apply({'params': base, 'lora': lora_eff}, ids, mask)
 
 A tied head reuses the token embedding (no LoRA there); an untied head is the
-``lm_head`` LoRADense. Decoding uses an explicit, fixed-size KV cache pytree
+``lm_head`` LoRADense. ``model.apply(..., return_hidden=True)`` stops before
+the head and returns the final normed hidden states ``h: [B, L, D]``;
+:func:`head_logits` is the head as a pure function of ``(params, lora, h)``,
+so a loss can apply it to a few tokens at a time
+(:func:`hetlora.models.lm_tasks.chunked_logprobs`) instead of materialising
+``[B, L, V]`` logits. Decoding uses an explicit, fixed-size KV cache pytree
 (:func:`init_cache`) so :func:`generate` is one jitted ``lax.while_loop``.
 """
 
@@ -205,7 +210,8 @@ class Llama(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, cache: Cache | None = None):
+  def __call__(self, input_ids, attention_mask=None, cache: Cache | None = None,
+               return_hidden: bool = False):
     """Logits of every position.
 
     Args:
@@ -215,10 +221,16 @@ class Llama(nn.Module):
       cache: None for a full forward, or a cache from :func:`init_cache`;
         the chunk is written at ``cache['index']`` and attends to all valid
         earlier slots.
+      return_hidden: stop before the LM head and return the final normed
+        hidden states ``h: [B, L, D]`` (compute dtype); then
+        ``logits == head_logits(self, params, lora, h)``. Not with a cache.
 
     Returns:
-      ``float32[B, L, V]`` logits, or ``(logits, new_cache)`` with a cache.
+      ``float32[B, L, V]`` logits, or ``(logits, new_cache)`` with a cache,
+      or ``h: [B, L, D]`` with ``return_hidden``.
     """
+    if return_hidden and cache is not None:
+      raise ValueError("return_hidden=True is for a full forward; pass cache=None.")
     c = self.config
     b, l = input_ids.shape
     if attention_mask is None:
@@ -244,6 +256,8 @@ class Llama(nn.Module):
           x, positions, key_mask, query_slots, layer_cache, index)
       new_layers.append(new_lc)
     x = RMSNorm(c.rms_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+    if return_hidden:
+      return x
     if c.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -255,6 +269,45 @@ class Llama(nn.Module):
     new_cache = {"layers": tuple(new_layers), "mask": key_mask, "index": index + l,
                  "next_pos": cache["next_pos"] + valid.sum(axis=1)}
     return logits, new_cache
+
+
+def head_logits(model: Llama, params: Mapping[str, Any], lora: Mapping[str, Any] | None,
+                h: jax.Array) -> jax.Array:
+  """The LM head of ``model`` as a pure function: ``float32[..., V]`` logits of hidden states.
+
+  Tied: ``h @ E^T`` with the token embedding ``E: [V, D]`` (as
+  ``nn.Embed.attend``; a LoRA entry at ``embed_tokens`` is ignored, as the
+  module ignores it). Untied: ``h @ W0 + (h @ a) @ b`` with
+  ``W0 = params['lm_head']['kernel']: [D, V]`` and ``lora['lm_head'] = {'a': [D, r],
+  'b': [r, V]}`` when the LoRA tree adapts the head (as :class:`LoRADense`).
+
+  Args:
+    model: the :class:`Llama` whose head this is (its config and compute dtype).
+    params: its base parameters.
+    lora: the folded LoRA tree or None/{}.
+    h: ``[..., D]`` final normed hidden states (``return_hidden=True``).
+
+  Returns:
+    ``float32[..., V]``, equal to the module's logits at those positions.
+
+  Example:
+    >>> h = model.apply({'params': params}, ids, mask, return_hidden=True)   # doctest: +SKIP
+    >>> logits = head_logits(model, params, None, h[:, -1])                 # [B, V]  # doctest: +SKIP
+  """
+  if model.config.tie_embeddings:
+    emb = params["embed_tokens"]["embedding"]
+    dtype = model.dtype or jnp.result_type(h.dtype, emb.dtype)
+    # Contract E's feature axis in place: an explicit E.T inside a scan over chunks is hoisted
+    # and materialised as a [D, V] copy (108 MiB for SmolLM2).
+    return jnp.einsum("...d,vd->...v", h.astype(dtype), emb.astype(dtype)).astype(jnp.float32)
+  kernel = params["lm_head"]["kernel"]
+  dtype = model.dtype or h.dtype
+  x = h.astype(dtype)
+  y = jnp.dot(x, kernel.astype(dtype))
+  adapter = (lora or {}).get("lm_head")
+  if adapter:
+    y = y + jnp.dot(jnp.dot(x, adapter["a"].astype(dtype)), adapter["b"].astype(dtype))
+  return y.astype(jnp.float32)
 
 
 def init_cache(config: LlamaConfig, batch: int, size: int, dtype: Any = jnp.float32) -> Cache:

@@ -26,10 +26,16 @@ and its end (:func:`hetlora.data.tokenize_prompts`).
 ``config.model.prompt_format`` (optional): ``'auto'`` (default: ChatML when the
 template is ChatML, else plain), ``'chatml'`` or ``'plain'``.
 
+``config.model.loss_chunk`` (optional, default 128): the loss and ``eval_sums``
+apply the LM head to this many target tokens (batch x positions) at a time, never to all
+``[B, L, V]`` logits at once (:mod:`hetlora.models.lm_tasks`); 0 = full logits.
+
 The per-example loss is the mean next-token NLL over answer tokens
 (:func:`hetlora.models.lm_tasks.causal_lm_loss`); ``eval_sums`` gives the
 token-weighted ``loss`` and next-token ``token_accuracy`` over the answer
-tokens of real examples. See :mod:`hetlora.models.provider` for the interface.
+tokens of real examples; ``generation_eval`` (:func:`generation_eval_fn`) answers
+test prompts greedily and scores them by ROUGE-L and exact match. See
+:mod:`hetlora.models.provider` for the interface.
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ import jax.numpy as jnp
 import tokenizers
 
 from hetlora.data.sources import PromptDataset
-from hetlora.data.tokenize import tokenize_prompts
-from hetlora.models import files, gguf_loading, gguf_tokenizer, llama, lm_tasks
+from hetlora.data.tokenize import tokenize_prompts, tokenize_prompts_only
+from hetlora.models import files, generation, gguf_loading, gguf_tokenizer, llama, lm_tasks
 from hetlora.models import tokenizer as tokenizer_lib
 from hetlora.models.provider import (Loaded, check_dataset, compute_dtype, example_mask,
                                      max_len_of, model_errors)
@@ -78,12 +84,15 @@ class Prompting:
   pad_id: int
   system: str | None = None
 
-  def format_pair(self, prompt: str, target: str) -> tuple[str, str]:
-    """The ``(prompt, target)`` texts to tokenize."""
+  def format_pair(self, prompt: str, target: str, messages=None) -> tuple[str, str]:
+    """The ``(prompt, target)`` texts to tokenize.
+
+    ``messages``: the conversation before the target (``[{'role', 'content'}]``), which
+    ChatML renders turn by turn; None: ``prompt`` is one user turn. Plain text uses ``prompt``.
+    """
     if self.format == "chatml":
-      text = gguf_tokenizer.chat_prompt([{"role": "user", "content": prompt.strip()}],
-                                        default_system=self.system)
-      return text, target.strip()
+      turns = messages or [{"role": "user", "content": prompt.strip()}]
+      return gguf_tokenizer.chat_prompt(turns, default_system=self.system), target.strip()
     return prompt, target
 
 
@@ -175,17 +184,94 @@ def _load_files(name, param_dtype):
   return cfg, params, gguf_tokenizer.tokenizer_from_gguf(path, reader=reader), _gguf_meta(reader)
 
 
-def eval_sums_fn(model: llama.Llama):
-  """``eval_sums(base, lora_eff, batch)``: answer-token NLL and next-token accuracy sums."""
+def eval_sums_fn(model: llama.Llama, chunk: int = lm_tasks.DEFAULT_CHUNK):
+  """``eval_sums(base, lora_eff, batch)``: answer-token NLL and next-token accuracy sums.
+
+  With answer weights ``w_t`` (:func:`hetlora.models.lm_tasks.answer_weights`
+  times the real-example mask): ``loss = (-sum w_t log p(x_t | x_<t), sum w_t)``
+  and ``token_accuracy = (sum w_t [argmax_v z_{t-1} = x_t], sum w_t)``. ``chunk``
+  as in :func:`hetlora.models.lm_tasks.causal_lm_loss` (``> 0``: the head runs
+  ``chunk`` tokens at a time, never ``[B, L, V]`` logits; 0: full logits).
+  """
   def eval_sums(base, lora_eff, batch):
     ids = batch["input_ids"]
-    logits = model.apply(llama.variables(base, lora_eff), ids, batch["attention_mask"])
-    lp = lm_tasks.token_logprobs(logits, ids)                                # [B, L-1]
-    w = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
-    w = w * example_mask(batch)[:, None]
-    correct = (jnp.argmax(logits[:, :-1], axis=-1) == ids[:, 1:]).astype(jnp.float32)
+    lp, top = lm_tasks.model_logprobs(model, base, lora_eff, batch, chunk, with_argmax=True)  # [B, L-1]
+    w = lm_tasks.answer_weights(batch) * example_mask(batch)[:, None]
+    correct = (top == ids[:, 1:]).astype(jnp.float32)
     return {"loss": (-jnp.sum(lp * w), jnp.sum(w)), "token_accuracy": (jnp.sum(correct * w), jnp.sum(w))}
   return eval_sums
+
+
+def loss_chunk_of(model_config) -> int:
+  """``model.loss_chunk`` (optional; unset = :data:`hetlora.models.lm_tasks.DEFAULT_CHUNK`).
+
+  Raises:
+    ValueError: naming the field, when it is not an int ``>= 0``.
+  """
+  chunk = model_config.get("loss_chunk")
+  if chunk is None:
+    return lm_tasks.DEFAULT_CHUNK
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+    raise ValueError(f"model.loss_chunk={chunk!r} must be an int >= 0: target tokens per chunk of "
+                     "the LM head in the loss (e.g. 128), or 0 for full [B, L, V] logits.")
+  return chunk
+
+
+def generation_eval_fn(model: llama.Llama, tok: tokenizers.Tokenizer, fmt: Prompting, max_len: int,
+                       prompt_head: float = 0.25):
+  """The ``generation_eval`` hook of :class:`hetlora.models.provider.Loaded` for this decoder.
+
+  ``generation_eval(sets, *, max_new_tokens, batch_size, max_examples=0, classification=(),
+  marker=None, samples_per_task=2) -> evaluate``: of each :class:`hetlora.data.PromptDataset`
+  in ``sets``, up to ``max_examples`` prompts (tasks in turn,
+  :func:`hetlora.models.generation.stratified`; 0 = all), in the training prompt format, as
+  ``[bos] prompt`` right-padded to one length ``P`` (the longest, at most ``max_len``, rounded
+  up to a multiple of 8); ``evaluate(base, adapters [G, ...])`` answers them greedily with
+  :func:`hetlora.models.llama.generate` (KV cache, ``batch_size`` rows a call, stop at
+  ``fmt.eos_id``: one compilation per run, the shapes never change), decodes
+  (:func:`hetlora.models.generation.decode_generated`) and scores them
+  (:func:`hetlora.models.generation.make_evaluator`).
+  """
+  def encode_fn(texts):
+    return tokenizer_lib.encode(tok, texts, pad_id=fmt.pad_id, add_special_tokens=False)
+
+  stops = {fmt.eos_id, *(tok.token_to_id(t) for t in EOS_TOKENS)}
+  eos_ids = sorted(i for i in stops if i is not None)
+  greedy = jax.random.key(0)   # unused by greedy decoding
+
+  def generation_eval(sets, *, max_new_tokens: int, batch_size: int, max_examples: int = 0,
+                      classification=(), marker: str | None = None, samples_per_task: int = 2):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+      raise ValueError(f"eval.max_new_tokens={max_new_tokens!r} must be an int >= 1 (answer tokens), e.g. 32.")
+    chosen = {name: ds.select(generation.stratified(ds.task_ids, max_examples))
+              for name, ds in sets.items() if ds is not None and len(ds)}
+    encoded = {}
+    for name, ds in chosen.items():
+      messages = ds.messages or [None] * len(ds)
+      texts = [fmt.format_pair(p, "", m)[0] for p, m in zip(ds.prompts, messages)]
+      encoded[name] = tokenize_prompts_only(texts, encode_fn, max_len, pad_id=fmt.pad_id, bos_id=fmt.bos_id,
+                                            prompt_head=prompt_head)
+    longest = max((int(e["attention_mask"].sum(1).max()) for e in encoded.values()), default=1)
+    width = min(max_len, -(-longest // 8) * 8)
+    prompt_sets = {
+        name: generation.PromptSet(encoded[name]["input_ids"][:, :width],
+                                   encoded[name]["attention_mask"][:, :width], list(ds.prompts),
+                                   [t.strip() for t in ds.targets], [ds.task_names[i] for i in ds.task_ids])
+        for name, ds in chosen.items()}
+
+    def generate_fn(base, lora, ids, mask):
+      out = llama.generate(model, base, lora, ids, mask, greedy, max_new_tokens=max_new_tokens,
+                           eos_id=fmt.eos_id)
+      return out["tokens"]
+
+    def decode_fn(ids):
+      return generation.decode_generated(tok, ids, eos_ids, fmt.pad_id)
+
+    return generation.make_evaluator(generate_fn, decode_fn, prompt_sets, batch_size=batch_size,
+                                     classification=classification, marker=marker or None,
+                                     samples_per_task=samples_per_task)
+
+  return generation_eval
 
 
 def load(model_config, *, num_labels: int | None = None, key: jax.Array | None = None) -> Loaded:
@@ -205,6 +291,7 @@ def load(model_config, *, num_labels: int | None = None, key: jax.Array | None =
                      "prompt kept from its start), e.g. 0.25.")
   if requested not in PROMPT_FORMATS:
     raise ValueError(f"model.prompt_format={requested!r} must be one of {PROMPT_FORMATS}.")
+  chunk = loss_chunk_of(model_config)
   with model_errors(name, KIND):
     cfg, params, tok, meta = _load_files(name, jnp.float32)
   fmt = prompting(tok, meta, requested)
@@ -213,7 +300,8 @@ def load(model_config, *, num_labels: int | None = None, key: jax.Array | None =
   def prepare(dataset, max_len: int | None = None):
     check_dataset(dataset, PromptDataset, KIND, TASK)
     n = default_len if max_len is None else max_len_of({"max_len": max_len}, minimum=2)
-    pairs = [fmt.format_pair(p, t) for p, t in zip(dataset.prompts, dataset.targets)]
+    messages = dataset.messages or [None] * len(dataset)
+    pairs = [fmt.format_pair(p, t, m) for p, t, m in zip(dataset.prompts, dataset.targets, messages)]
     formatted = PromptDataset([p for p, _ in pairs], [t for _, t in pairs], dataset.task_ids,
                               list(dataset.task_names))
 
@@ -223,6 +311,6 @@ def load(model_config, *, num_labels: int | None = None, key: jax.Array | None =
     return tokenize_prompts(formatted, encode_fn, n, pad_id=fmt.pad_id, bos_id=fmt.bos_id,
                             eos_id=fmt.eos_id, prompt_head=prompt_head)
 
-  return Loaded(base_params=params, loss_fn=lm_tasks.causal_lm_loss(model), logits_fn=None,
-                eval_sums=eval_sums_fn(model), prepare=prepare, tokenizer=tok, model=model,
-                config=cfg)
+  return Loaded(base_params=params, loss_fn=lm_tasks.causal_lm_loss(model, chunk), logits_fn=None,
+                eval_sums=eval_sums_fn(model, chunk), prepare=prepare, tokenizer=tok, model=model,
+                config=cfg, generation_eval=generation_eval_fn(model, tok, fmt, default_len, prompt_head))

@@ -70,6 +70,13 @@ class Loaded:
     tokenizer: the ``tokenizers.Tokenizer``.
     model: the Flax module.
     config: the model's own config dataclass (``BertConfig``, ``LlamaConfig``).
+    generation_eval: ``generation_eval(sets, *, max_new_tokens, batch_size, max_examples,
+      classification, marker, samples_per_task) -> evaluate`` for models that generate
+      (``None`` for the others): ``sets: {name: PromptDataset}`` (e.g. ``'test'``,
+      ``'unseen'``), and ``evaluate(base, adapters [G, ...]) -> (metrics, samples)``,
+      host-side, answers their prompts and scores them (``metrics: {set: {metric: [G]}}``
+      such as ``rougeL`` and ``exact_match``; ``samples``: a few prompt / reference /
+      generation rows per task), :func:`hetlora.models.generation.make_evaluator`.
   """
   base_params: Any
   loss_fn: Callable[[Any, Any, Batch], jax.Array]
@@ -79,6 +86,7 @@ class Loaded:
   tokenizer: tokenizers.Tokenizer
   model: nn.Module
   config: Any
+  generation_eval: Callable[..., Callable[[Any, Any], tuple[dict, list]]] | None = None
 
 
 def get(kind: str) -> ModuleType:
