@@ -152,3 +152,15 @@ def base():
   c.eval.answer_marker = ""           # exact match compares the text after this marker (e.g. "####")
   c.eval.samples_per_task = 2         # generations per task written to generations/round_<r>.jsonl
   return c
+
+
+def llm_smoke(c: ml_collections.ConfigDict) -> None:
+  """The ``:runlocal`` sizes every language-model config shares: a seconds-long smoke run."""
+  c.client.local_steps = 2
+  c.client.batch_size = 2
+  c.model.max_len = 64
+  c.eval.every = 1
+  c.eval.batch_size = 4
+  c.eval.generate_examples = 4
+  c.eval.max_new_tokens = 8
+  c.checkpoint_every = 1

@@ -105,12 +105,5 @@ def get_config(arg=None):
     c.data.num_clients = 4
     c.server.clients_per_round = 2
     c.server.rounds = 1
-    c.client.local_steps = 2
-    c.client.batch_size = 2
-    c.model.max_len = 64
-    c.eval.every = 1
-    c.eval.batch_size = 4
-    c.eval.generate_examples = 4
-    c.eval.max_new_tokens = 8
-    c.checkpoint_every = 1
+    common.llm_smoke(c)
   return c

@@ -325,6 +325,17 @@ def load_csv(path: str | os.PathLike | None = None, text_column: str = "text", l
               encoding, "path")
 
 
+def _jsonl_records(p: Path, encoding: str):
+  """Yields ``(line_number, parsed JSON value)`` for every non-blank line of the JSONL file ``p``."""
+  for line_no, line in enumerate(_read_text(p, encoding, "path").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      yield line_no, json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{p}:{line_no}: not valid JSON ({e.msg}); fix or remove that line.") from None
+
+
 def load_jsonl(path: str | os.PathLike | None = None, text_column: str = "text", label_column: str = "label",
                label_names: Sequence[str] | None = None, encoding: str = "utf-8") -> TextDataset:
   """A JSON-lines file (one object per line), as a :class:`TextDataset`.
@@ -334,13 +345,7 @@ def load_jsonl(path: str | os.PathLike | None = None, text_column: str = "text",
   """
   p = _require_path(path, "path", "JSONL file")
   rows, lines = [], []
-  for line_no, line in enumerate(_read_text(p, encoding, "path").splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{p}:{line_no}: not valid JSON ({e.msg}).") from None
+  for line_no, row in _jsonl_records(p, encoding):
     if not isinstance(row, dict):
       raise ValueError(f"{p}:{line_no}: expected a JSON object per line, got {type(row).__name__}.")
     for c in (text_column, label_column):
@@ -624,13 +629,7 @@ def instructions(path: str | os.PathLike | None = None, split: str = "all", test
                      "set config.data.source_kwargs.test_fraction, e.g. 0.1.")
   p = _require_path(path, "path", "instruction JSONL file")
   rows = []
-  for line_no, line in enumerate(_read_text(p, encoding, "path").splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{p}:{line_no}: not valid JSON ({e.msg}); fix or remove that line.") from None
+  for line_no, row in _jsonl_records(p, encoding):
     rows.append(_instruction_row(row, f"{p}:{line_no}", client_key))
   if not rows:
     raise ValueError(f"{p}: the JSONL file is empty (no records); set config.data.source_kwargs.path "
