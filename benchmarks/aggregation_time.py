@@ -10,11 +10,13 @@ Every method module whose ``aggregate`` has the shared signature
 ``(lora, ranks, num_examples, scales)`` (:func:`hetlora.methods.names`; all
 but HeLoRA-KD, whose groups replace the scales) is compiled once and timed over
 ``--repeats`` calls (once if the first call exceeds ``--slow-seconds``);
-reported: compile seconds and the median call.
+reported: compile seconds, the median call and XLA's compiled memory
+(arguments + outputs + temporaries, ``memory_analysis()``).
 
 Run::
 
     python benchmarks/aggregation_time.py
+    python benchmarks/aggregation_time.py --methods flexlora,hetlora   # a subset
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
+from decoder_round import memory_of
 from hetlora import methods
 from hetlora import lora as lora_lib
 
@@ -63,16 +66,25 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--slow-seconds", type=float, default=20.0,
                  help="an aggregator whose first call takes longer is timed once")
+  p.add_argument("--methods", default=None, help="comma-separated subset (default: every method)")
+  p.add_argument("--out", default="aggregation_time", help="results/<out>.json and .md")
   args = p.parse_args(argv)
 
+  names = shared_signature()
+  if args.methods:
+    unknown = sorted(set(args.methods.split(",")) - set(names))
+    if unknown:
+      p.error(f"--methods {unknown} are not among the timed methods {names}")
+    names = args.methods.split(",")
   inputs = stacked_problem(args.clients, args.d, args.layers, args.r_max)
   rows = []
-  for name in shared_signature():
+  for name in names:
     fn = jax.jit(methods.module(name).aggregate)
     load = common.loadavg()
     t0 = time.perf_counter()
     compiled = fn.lower(*inputs).compile()
     compile_s = time.perf_counter() - t0
+    mem = memory_of(compiled)
     t0 = time.perf_counter()
     out = common.block(compiled(*inputs))
     times = [time.perf_counter() - t0]
@@ -81,6 +93,7 @@ def main(argv=None):
     widths = sorted({lora_lib.r_max_of(out)})
     rows.append({"aggregator": name, "compile_s": compile_s, "median_s": common.median(times),
                  "times_s": [round(t, 4) for t in times], "output_rank_width": widths[0],
+                 "compiled_mib": mem.total / 2**20, "temp_mib": mem.temp / 2**20,
                  "loadavg_before": load})
     print(rows[-1], flush=True)
 
@@ -88,8 +101,9 @@ def main(argv=None):
            f"r_max={args.r_max}, ranks uniform in [1, r_max], float32, {jax.devices()[0].platform}; "
            f"median of {args.repeats} calls after compilation (one call if the first takes more "
            f"than {args.slow_seconds:g} s).")
-  columns = ["aggregator", "median_s", "compile_s", "output_rank_width", "loadavg_before"]
-  common.write("aggregation_time", {"args": vars(args), "rows": rows},
+  columns = ["aggregator", "median_s", "compile_s", "compiled_mib", "temp_mib", "output_rank_width",
+             "loadavg_before"]
+  common.write(args.out, {"args": vars(args), "rows": rows},
                common.markdown_table(rows, columns), notes)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared"     # the shared data and peer folder beside the checkout
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 

@@ -27,6 +27,7 @@ Run::
 
     python benchmarks/decoder_round.py --cases vmap,sequential,vmap_full   # K=8, B=2, L=128, 1 step
     python benchmarks/decoder_round.py --clients 4 --length 256 --no-throughput  # memory only
+    python benchmarks/decoder_round.py --model /path/to/hf_dir --dtype bfloat16    # another model dir
 
 About 15 minutes on 2 shared cores (each compile ~1-2 min, each K=8 round ~40-60 s).
 """
@@ -122,6 +123,9 @@ def shapes(tree):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default=llama_lm.DEFAULT_NAME,
+                 help="model.name: the SmolLM2 package, a .gguf file or a Hugging Face directory")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model.dtype")
   p.add_argument("--clients", type=int, default=8)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--length", type=int, default=128)
@@ -142,8 +146,8 @@ def main(argv=None):
   machine = cpu_name()
   print(machine, flush=True)
 
-  loaded = llama_lm.load(ml_collections.ConfigDict({"name": llama_lm.DEFAULT_NAME, "max_len": L,
-                                                    "dtype": "float32", "loss_chunk": args.chunk}))
+  loaded = llama_lm.load(ml_collections.ConfigDict({"name": str(args.model), "max_len": L,
+                                                    "dtype": args.dtype, "loss_chunk": args.chunk}))
   model, base = loaded.model, loaded.base_params
   global_lora = lora_lib.init(jax.random.key(1), base, llama_lm.DEFAULT_PATTERN, args.r_max)
   ranks = setups.ranks(k, args.r_min, args.r_max, seed=k)
@@ -209,7 +213,7 @@ def main(argv=None):
   expected_args = result["base_mib"] + k * result["adapter_mib"] + result["data_mib"]
   result["vmap_expected_argument_mib"] = expected_args + nbytes(ranks) / MiB
 
-  lines = [f"Machine: {machine}. SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32), "
+  lines = [f"Machine: {machine}. Model `{args.model}` (compute dtype {args.dtype}), "
            f"K={k} clients, ranks {result['ranks']}, {steps} local step(s) of batch {b} x {L} tokens "
            f"(answer = second half), HetLoRA round, loss_chunk={args.chunk}. Median of {args.repeats} "
            "calls after the compiling one.", ""]

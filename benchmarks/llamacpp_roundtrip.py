@@ -34,18 +34,19 @@ scale into the factors (``no_scale_fold``); both must fail the ``f32`` tolerance
 
 Set up llama-cpp-python once (~15-40 CPU-minutes to build)::
 
-    python3 -m venv /tmp/llamacpp-venv
-    CMAKE_BUILD_PARALLEL_LEVEL=2 /tmp/llamacpp-venv/bin/pip install -r benchmarks/requirements-llamacpp.txt
+    python3 -m venv ../llamacpp-venv
+    CMAKE_BUILD_PARALLEL_LEVEL=2 ../llamacpp-venv/bin/pip install -r benchmarks/requirements-llamacpp.txt
 
 Run (~3 minutes on 2 cores; exits 1 when a check fails)::
 
-    python benchmarks/llamacpp_roundtrip.py [--python /tmp/llamacpp-venv/bin/python]
+    python benchmarks/llamacpp_roundtrip.py [--python ../llamacpp-venv/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -283,8 +284,9 @@ def _version(package: str) -> str:
 
 def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  p.add_argument("--python", default="/tmp/llamacpp-venv/bin/python",
-                 help="interpreter with llama-cpp-python (benchmarks/requirements-llamacpp.txt)")
+  p.add_argument("--python", default=os.environ.get("LLAMACPP_PYTHON", "python3"),
+                 help="interpreter with llama-cpp-python (benchmarks/requirements-llamacpp.txt; "
+                      "or $LLAMACPP_PYTHON)")
   p.add_argument("--r-max", type=int, default=8)
   p.add_argument("--alpha", type=float, default=16.0)
   p.add_argument("--scale-rule", default="alpha/r_max", choices=("alpha/r", "alpha/r_max", "rslora"))

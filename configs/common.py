@@ -85,10 +85,14 @@ def base():
   c.model.pooling = "mean"            # 'mean' | 'cls'
   c.model.max_len = 64                # tokens per example (truncate / pad)
   c.model.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16'
+  c.model.head = placeholder(str)     # classifiers' random head: 'lora' (LoRA factors on its kernel; the
+                                      # default when unset) | 'frozen' (kept as drawn: LoRA-A2, FFA-LoRA) |
+                                      # 'train' (every client trains it, FedAvg'd; PEFT's modules_to_save)
   c.model.loss_chunk = placeholder(int)  # llama_lm: tokens per LM-head chunk in loss/eval (unset = 128; 0 = full logits)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tweets"            # 'tweets' | 'banking77' | 'csv' | 'jsonl' | 'tfds' | 'natinst' | 'instructions'
+                                      # | 'commonsense'
   c.data.source_kwargs = source_options()  # the source's options (SOURCE_OPTIONS above; None = not set)
   c.data.test_kwargs = source_options()    # options that differ for the test data, e.g. path of a test CSV
                                            # (set ones override source_kwargs); update these fields,
@@ -103,9 +107,13 @@ def base():
   c.data.public_examples = 0          # held-out training examples for server-side distillation (HeLoRA-KD)
   c.data.unseen_tasks = ()            # instruction data: tasks held out of every client, evaluated as
                                       # unseen tasks (their test instances; metrics *_unseen)
+  c.data.packing = True               # training batches: several examples per token row (segment ids;
+                                      # same examples, losses and gradients per step; hetlora.data.segments)
+  c.data.pack_rows = 0                # token rows per packed batch; 0 = the most any step of the run needs
 
   c.lora = ml_collections.ConfigDict()
   c.lora.pattern = ""                 # regex over parameter paths; "" = the model provider's default
+                                      # (a classifier's head follows model.head)
   c.lora.r_min = 2
   c.lora.r_max = 16
   c.lora.rank_choices = ()            # e.g. (1, 2, 4, 8, 16, 32); empty = every rank in [r_min, r_max]
@@ -151,6 +159,8 @@ def base():
   c.eval.max_new_tokens = 32          # the answer budget (decoding stops at end-of-sequence)
   c.eval.answer_marker = ""           # exact match compares the text after this marker (e.g. "####")
   c.eval.samples_per_task = 2         # generations per task written to generations/round_<r>.jsonl
+  # Multiple-choice evaluation (language models on data with answer options): options scored by log-likelihood.
+  c.eval.choice_examples = 0          # examples scored per evaluation set (per task in turn); 0 = all
   return c
 
 

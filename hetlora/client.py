@@ -10,7 +10,10 @@ moves a momentum.
 
 What a method adds to local training (a regulariser, a rank change after
 training, a frozen ``a``) comes in as a
-:class:`hetlora.methods.Local`; this module names no method.
+:class:`hetlora.methods.Local`; this module names no method. Base
+parameters the run trains in full (``LocalSpec.dense``, e.g. a classifier
+head, :mod:`hetlora.dense`) start from their values in ``base_params`` and
+train beside the factors, with the same optimizer.
 
 A model enters only through ``loss_fn(base_params, lora_eff, batch) ->
 float32[B]`` (per-example losses), where ``lora_eff`` is
@@ -20,6 +23,7 @@ float32[B]`` (per-example losses), where ``lora_eff`` is
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 import chex
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from hetlora import aggregation
+from hetlora import dense as dense_lib
 from hetlora import lora as lora_lib
 from hetlora.methods import base as method_base
 
@@ -40,13 +45,16 @@ class LocalSpec:
 
   ``local``: the method's :class:`hetlora.methods.Local` (penalty, rank
   change, trainable factors); :func:`hetlora.server.make_round` sets it from
-  the method for its built-in backends.
+  the method for its built-in backends. ``dense``: a regex of the base
+  parameters every client trains in full (:func:`hetlora.dense.select`;
+  ``''``: none), e.g. ``r'^classifier/(kernel|bias)$'``.
   """
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   alpha: float
   scale_rule: str = "alpha/r"
   local: method_base.Local = method_base.Local()
+  dense: str = ""
 
 
 @chex.dataclass(frozen=True)
@@ -59,6 +67,7 @@ class ClientResult:
     loss: mean training loss over the real examples of all steps.
     examples: number of real examples seen (with repeats over epochs).
     update_norm: ``||dW||_F`` over all modules (scale included).
+    dense: the trained dense parameters (``LocalSpec.dense``; ``{}`` if none).
     included: ``bool``, the upload counted in the aggregate (set by the
       server's screening, :mod:`hetlora.screening`; ``None`` before).
   """
@@ -67,6 +76,7 @@ class ClientResult:
   loss: jax.Array
   examples: jax.Array
   update_norm: jax.Array
+  dense: Any = None
   included: jax.Array | None = None
 
 
@@ -75,8 +85,9 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
   """Trains one client.
 
   Args:
-    spec: shared loss, optimizer, scale rule and the method's local rule.
-    base_params: frozen base weights (never differentiated).
+    spec: shared loss, optimizer, scale rule, the method's local rule and the dense trainables.
+    base_params: base weights; only the dense trainables (``spec.dense``) are trained, from
+      their values here.
     lora: the client's starting tree ``a: [d_in, r_max]``, masked to ``rank``.
     rank: ``int32[]`` client rank.
     data: ``{'batch': tree of [steps, B, ...], 'mask': float[steps, B]}``.
@@ -90,9 +101,10 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
   local = spec.local
 
   def objective(params, batch, mask):
-    losses = spec.loss_fn(base_params, lora_lib.fold_scale(params, rank, s), batch)
+    factors, dense = params
+    losses = spec.loss_fn(dense_lib.overlay(base_params, dense), lora_lib.fold_scale(factors, rank, s), batch)
     data_loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    penalty = local.penalty(params, rank) if local.penalty is not None else 0.0
+    penalty = local.penalty(factors, rank) if local.penalty is not None else 0.0
     return data_loss + penalty, data_loss
 
   def step(carry, xs):
@@ -101,15 +113,18 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
     (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, mask)
     updates, new_opt_state = spec.optimizer.update(grads, opt_state, params)
     if local.trainable == "b":
-      updates = lora_lib.map_modules(lambda u: {"a": jnp.zeros_like(u["a"]), "b": u["b"]}, updates)
-    new_params = lora_lib.mask(optax.apply_updates(params, updates), rank)
+      updates = (lora_lib.map_modules(lambda u: {"a": jnp.zeros_like(u["a"]), "b": u["b"]}, updates[0]),
+                 updates[1])
+    factors, dense = optax.apply_updates(params, updates)
+    new_params = (lora_lib.mask(factors, rank), dense)
     n = jnp.sum(mask)
     keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(n > 0, x, y), new, old)
     return (keep(new_params, params), keep(new_opt_state, opt_state)), (data_loss * n, n)
 
   lora = lora_lib.mask(lora, rank)
-  (trained, _), (loss_sums, counts) = jax.lax.scan(
-      step, (lora, spec.optimizer.init(lora)), (data["batch"], data["mask"]))
+  start = (lora, dense_lib.select(base_params, spec.dense))
+  ((trained, trained_dense), _), (loss_sums, counts) = jax.lax.scan(
+      step, (start, spec.optimizer.init(start)), (data["batch"], data["mask"]))
   new_rank = rank if local.next_rank is None else local.next_rank(rank, lora, trained)
   trained = lora_lib.mask(trained, new_rank)
   examples = jnp.sum(counts)
@@ -121,6 +136,7 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
       loss=jnp.sum(loss_sums) / jnp.maximum(examples, 1.0),
       examples=examples,
       update_norm=jnp.sqrt(sum(jax.tree.leaves(norms_sq)))[0],
+      dense=trained_dense,
   )
 
 
@@ -140,19 +156,22 @@ def sequential_backend(spec: LocalSpec) -> Callable[..., ClientResult]:
   non-finite loss names the failing client's position in the cohort.
   """
   one = jax.jit(lambda base, l, r, d: local_train(spec, base, l, r, d))
+  take = jax.jit(lambda tree, k: jax.tree.map(lambda x: x[k], tree))   # one program for every k
+  stack = jax.jit(lambda results: jax.tree.map(lambda *xs: jnp.stack(xs), *results))
 
   def train(base_params, lora, ranks, data):
     results = []
     for k in range(ranks.shape[0]):
-      take = lambda x, k=k: x[k]
+      lora_k, rank_k, data_k = take((lora, ranks, data), k)
       try:
-        res = one(base_params, jax.tree.map(take, lora), ranks[k], jax.tree.map(take, data))
+        res = one(base_params, lora_k, rank_k, data_k)
       except Exception as e:  # re-raised with the client named
         raise RuntimeError(f"local training failed for cohort client {k}: {e}") from e
-      if not bool(jnp.isfinite(res.loss)):
-        raise FloatingPointError(f"cohort client {k} (rank {int(ranks[k])}) has loss {float(res.loss)}.")
+      loss = float(res.loss)
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"cohort client {k} (rank {int(rank_k)}) has loss {loss}.")
       results.append(res)
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+    return stack(results)
 
   return train
 

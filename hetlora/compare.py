@@ -2,7 +2,8 @@
 
 ``compare(configs, out_dir)`` runs :func:`hetlora.trainer.run` for each named
 config (same seed, clients, ranks and budget, by construction of the
-configs), then writes ``results.md`` (a Markdown table), ``results.json``
+configs), then writes ``results.md`` (a Markdown table; for multiple-choice data a
+second one of per-task accuracy, the base model first), ``results.json``
 and ``accuracy.png`` (test accuracy vs round, one line per run) to
 ``out_dir`` (process 0 only, on several hosts). Runs already finished in
 ``out_dir/<name>`` are resumed, not redone.
@@ -36,7 +37,10 @@ def accuracy_at(accuracy_by_round: list[tuple[int, float]], fraction: float, rou
 
 
 def row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+  """A run's table row; ``by_task`` / ``zero_shot_by_task``: its last / round-0 per-task metrics
+  (multiple-choice data; ``{}`` otherwise)."""
   rounds = summary["rounds"]
+  by_task = summary.get("by_task_by_round") or []
   return {
       "run": name,
       "method": summary["method"],
@@ -45,7 +49,10 @@ def row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
       "accuracy_at_50pct": accuracy_at(summary["accuracy_by_round"], 0.5, rounds),
       "comm_params_per_round": summary["total_comm_params"] / max(rounds, 1),
       "train_seconds": summary["train_seconds"],
+      "eval_seconds": summary.get("eval_seconds", float("nan")),
       "rounds": rounds,
+      "by_task": dict(by_task[-1][1]) if by_task else {},
+      "zero_shot_by_task": dict(by_task[0][1]) if by_task and by_task[0][0] == 0 else {},
   }
 
 
@@ -56,6 +63,30 @@ def markdown(rows: list[dict[str, Any]]) -> str:
       f"| {r['run']} | {r['method']} | {r['final_accuracy']:.4f} | {r['accuracy_at_25pct']:.4f} | "
       f"{r['accuracy_at_50pct']:.4f} | {r['comm_params_per_round']:,.0f} | {r['train_seconds']:.0f} |\n"
       for r in rows)
+  return head + body
+
+
+def task_markdown(rows: list[dict[str, Any]]) -> str:
+  """Per-task accuracy of multiple-choice runs: the base model (the first run's round 0), then each run.
+
+  ``avg`` and ``avg (norm)`` are the means over tasks of ``accuracy/<task>`` and
+  ``accuracy_norm/<task>`` (:mod:`hetlora.models.multiple_choice`).
+  """
+  first = next(r for r in rows if r["by_task"])
+  tasks = [k.split("/", 1)[1] for k in first["by_task"] if k.startswith("accuracy/")]
+  head = (f"| run | method | {' | '.join(tasks)} | avg | avg (norm) | train / eval time (s) |\n"
+          f"|{'---|' * (len(tasks) + 5)}\n")
+
+  def line(run, method, metrics, seconds):
+    acc = [metrics.get(f"accuracy/{t}", float("nan")) for t in tasks]
+    norm = [metrics.get(f"accuracy_norm/{t}", float("nan")) for t in tasks]
+    cells = " | ".join(f"{a:.3f}" for a in acc)
+    return f"| {run} | {method} | {cells} | {np.mean(acc):.3f} | {np.mean(norm):.3f} | {seconds} |\n"
+
+  base = next((r for r in rows if r["zero_shot_by_task"]), None)
+  body = line("base model (round 0)", "-", base["zero_shot_by_task"], "-") if base else ""
+  body += "".join(line(r["run"], r["method"], r["by_task"], f"{r['train_seconds']:.0f} / {r['eval_seconds']:.0f}")
+                  for r in rows)
   return head + body
 
 
@@ -107,7 +138,8 @@ def compare(configs: Mapping[str, ml_collections.ConfigDict], out_dir: str | Pat
   rows = [row(name, s) for name, s in summaries.items()]
   if jax.process_index() == 0:
     (out_dir / "results.json").write_text(json.dumps({"rows": rows, "summaries": summaries}, indent=2))
-    (out_dir / "results.md").write_text(markdown(rows))
+    tables = markdown(rows) + ("\n" + task_markdown(rows) if any(r["by_task"] for r in rows) else "")
+    (out_dir / "results.md").write_text(tables)
     _plot(summaries, out_dir / "accuracy.png")
   return rows
 

@@ -11,30 +11,39 @@ The model comes from the provider ``hetlora.models.<config.model.kind>``
 (``bert_classifier``) or the Llama-family causal LM (``llama_lm``); the
 experiment names no model family and no method.
 
-Config sections: ``model`` (``kind``, ``name``, ``pooling``, ``max_len``, ``dtype``),
+Config sections: ``model`` (``kind``, ``name``, ``pooling``, ``max_len``, ``dtype``, ``head``),
 ``data`` (``source``, ``source_kwargs``, ``partition``, ``num_clients``,
 ``test_kwargs``, ``dirichlet_alpha``, ``min_client_size``, ``max_train_examples``,
-``max_test_examples``, ``public_examples``, ``unseen_tasks``), ``lora`` (``pattern``, ``r_min``,
+``max_test_examples``, ``public_examples``, ``unseen_tasks``, ``packing``, ``pack_rows``), ``lora`` (``pattern``, ``r_min``,
 ``r_max``, ``rank_choices``, ``rank_distribution``, ``alpha``,
 ``scale_rule``, ``init_from``), ``method`` (``name``, ``kwargs``), ``client``
 (``optimizer``, ``learning_rate``, ``weight_decay``, ``batch_size``,
 ``local_epochs`` or ``local_steps``, ``backend``, ``chunk_size``, ``clip_norm``), ``server``
 (``rounds``, ``clients_per_round``, ``max_update_norm``), ``privacy`` (``noise_multiplier``,
 ``delta``), ``eval`` (``every``, ``batch_size``, ``at_start``, ``generate_examples``,
-``max_new_tokens``, ``answer_marker``, ``samples_per_task``).
+``max_new_tokens``, ``answer_marker``, ``samples_per_task``, ``choice_examples``).
 
 Instruction data can hold whole tasks out of training (``data.unseen_tasks``):
 their instances reach no client, and their test instances form the
 ``unseen`` evaluation set (:func:`hold_out_tasks`). A model provider that
 generates (``Loaded.generation_eval``) answers up to ``eval.generate_examples``
 prompts of the test set and of the unseen set at every evaluation
-(:func:`make_generation_eval`).
+(:func:`make_generation_eval`); one that scores answer options
+(``Loaded.choice_eval``) evaluates multiple-choice test data by the options'
+log-likelihood (:func:`make_choice_eval`).
+
+With ``data.packing`` the training batches are packed (:mod:`hetlora.data.segments`):
+each local step's examples, the same ones as unpacked, share ``R`` token rows,
+``R = data.pack_rows`` or, when 0, the most any step of the run's
+``server.rounds`` sampled cohorts needs (:func:`pack_rows`), fixed for the run.
+Evaluation and the public (distillation) batches stay unpacked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from typing import Any, Callable
 
 import jax
@@ -44,6 +53,7 @@ import optax
 
 from hetlora import client as client_lib
 from hetlora import data as data_lib
+from hetlora import dense as dense_lib
 from hetlora import lora as lora_lib
 from hetlora import methods as methods_lib
 from hetlora import parallel
@@ -51,12 +61,14 @@ from hetlora import privacy as privacy_lib
 from hetlora import ranks as ranks_lib
 from hetlora import screening as screening_lib
 from hetlora import server
+from hetlora.data import segments as segments_lib
 from hetlora.export import peft as peft_export
 from hetlora.models import generation as generation_lib
 from hetlora.models import provider as provider_lib
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 BACKENDS = ("vmap", "sequential", "chunked", "sharded")
+HEADS = ("lora", "frozen", "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +77,8 @@ class Experiment:
 
   Attributes:
     config: the validated config.
-    base_params: frozen base weights (device arrays), shared by all clients.
+    base_params: base weights (device arrays), shared by all clients; frozen but for the dense
+      trainables (``spec.dense``, e.g. ``model.head='train'``), whose starting values they hold.
     logits_fn: ``(base, lora_eff, batch) -> float32[B, C]`` class logits, or ``None``.
     eval_sums: ``(base, lora_eff, batch) -> {metric: (sum, weight)}`` (the model provider's).
     spec: the clients' :class:`hetlora.client.LocalSpec`.
@@ -82,6 +95,9 @@ class Experiment:
     unseen: tokenized columns of the held-out tasks' test instances (``data.unseen_tasks``), or ``None``.
     generation_eval: ``evaluate(base, adapters [G]) -> (metrics {set: {metric: [G]}}, samples)``
       on the ``'test'`` and ``'unseen'`` prompts (:func:`make_generation_eval`), or ``None``.
+    choice_eval: the same for the options of multiple-choice test data (:func:`make_choice_eval`),
+      or ``None``.
+    pack_rows: token rows per packed training batch (``data.packing``), or 0: unpacked.
   """
   config: ml_collections.ConfigDict
   base_params: Any
@@ -100,6 +116,8 @@ class Experiment:
   label_names: list[str]
   unseen: dict[str, np.ndarray] | None = None
   generation_eval: Callable[..., tuple[dict, list]] | None = None
+  choice_eval: Callable[..., tuple[dict, list]] | None = None
+  pack_rows: int = 0
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -123,6 +141,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"client.optimizer={c.client.optimizer!r} is unknown; choose one of {OPTIMIZERS}.")
   if bool(c.client.local_epochs) == bool(c.client.local_steps):
     raise ValueError("set exactly one of client.local_epochs and client.local_steps (the other to 0).")
+  packing, rows = c.data.get("packing", False), c.data.get("pack_rows", 0)
+  if not isinstance(packing, bool):
+    raise ValueError(f"data.packing={packing!r} must be True (several examples per token row) "
+                     "or False (one example per row).")
+  if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+    raise ValueError(f"data.pack_rows={rows!r} must be an int >= 0 (token rows per packed "
+                     "batch; 0 = the most any step of the run needs).")
   if c.client.backend not in BACKENDS:
     raise ValueError(f"client.backend={c.client.backend!r} must be one of {BACKENDS}.")
   if c.client.backend == "chunked" and c.client.get("chunk_size", 0) < 1:
@@ -131,6 +156,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.dtype={c.model.dtype!r} must be one of {sorted(provider_lib.DTYPES)}.")
   if c.lora.scale_rule not in lora_lib.SCALE_RULES:
     raise ValueError(f"lora.scale_rule={c.lora.scale_rule!r} must be one of {lora_lib.SCALE_RULES}.")
+
+
+def trainable_patterns(config: ml_collections.ConfigDict, provider, base_params) -> tuple[str, str]:
+  """``(lora_pattern, dense_pattern)``: the parameters clients adapt by LoRA and those they train in full.
+
+  ``lora.pattern`` (``''``: the provider's ``DEFAULT_PATTERN``) picks the LoRA targets;
+  ``model.head`` decides the task head of a provider with a ``HEAD_PATTERN`` (unset: ``'lora'``):
+  ``'lora'`` adds the head's kernel to the LoRA targets, ``'frozen'`` keeps the head as drawn
+  (LoRA-A2's and FFA-LoRA's setting), ``'train'`` makes it a dense trainable that every client
+  trains and the server FedAvgs (:mod:`hetlora.dense`, like PEFT's ``modules_to_save``).
+
+  Raises:
+    ValueError: naming ``model.head`` (unknown, or set for a model without a head) or
+      ``lora.pattern`` (it selects a head that is not ``'lora'``).
+  """
+  pattern = config.lora.pattern or provider.DEFAULT_PATTERN
+  head = config.model.get("head")
+  head_pattern = getattr(provider, "HEAD_PATTERN", None)
+  if head_pattern is None:
+    if head:
+      raise ValueError(f"model.head={head!r}: model.kind={config.model.kind!r} has no task head to train; "
+                       "unset model.head (None).")
+    return pattern, ""
+  head = head or "lora"
+  if head not in HEADS:
+    raise ValueError(f"model.head={head!r} must be one of {HEADS}: 'lora' adapts the head by LoRA, 'frozen' "
+                     "keeps it as drawn, 'train' trains it in every client (FedAvg'd).")
+  if head == "lora":
+    return f"(?:{pattern})|(?:{head_pattern})", ""
+  adapted = [p for p in dense_lib.paths(dense_lib.select(base_params, head_pattern))
+             if p.endswith("/kernel") and re.search(pattern, p)]
+  if adapted:
+    raise ValueError(f"lora.pattern={pattern!r} selects the head's {adapted}, which model.head={head!r} "
+                     f"{'keeps frozen' if head == 'frozen' else 'trains in full'}; drop the head from "
+                     "lora.pattern, or set model.head='lora'.")
+  return pattern, head_pattern if head == "train" else ""
 
 
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -257,6 +318,25 @@ def make_generation_eval(config: ml_collections.ConfigDict, loaded, sets: dict[s
       samples_per_task=e.get("samples_per_task", 2))
 
 
+def make_choice_eval(config: ml_collections.ConfigDict, loaded,
+                     sets: dict[str, Any]) -> Callable[..., tuple[dict, list]] | None:
+  """The provider's multiple-choice evaluator of ``sets`` (``{'test': ds, 'unseen': ds or None}``), or ``None``.
+
+  ``None`` when the model scores no options or the test data has none (``PromptDataset.choices``).
+  Up to ``eval.choice_examples`` examples of each set (tasks in turn; 0 = all) are scored.
+  """
+  e = config.eval
+  limit = e.get("choice_examples", 0)
+  if loaded.choice_eval is None or getattr(sets["test"], "choices", None) is None:
+    return None
+  if not isinstance(limit, int) or limit < 0:
+    raise ValueError(f"eval.choice_examples={limit!r} must be an int >= 0 (multiple-choice examples scored "
+                     "per evaluation set; 0 = all).")
+  return loaded.choice_eval({name: ds for name, ds in sets.items() if ds is not None and len(ds)},
+                            batch_size=e.batch_size, max_examples=limit,
+                            samples_per_task=e.get("samples_per_task", 2))
+
+
 def _partition(config, labels: np.ndarray) -> list[np.ndarray]:
   """Client index arrays; ``labels`` are class labels (or task ids, the natural key of prompts)."""
   d = config.data
@@ -320,12 +400,13 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   public = loaded.prepare(public_ds) if public_ds is not None else None
   unseen = loaded.prepare(unseen_ds) if unseen_ds is not None else None
   generation_eval = make_generation_eval(config, loaded, {"test": test_ds, "unseen": unseen_ds}, [train_ds])
+  choice_eval = make_choice_eval(config, loaded, {"test": test_ds, "unseen": unseen_ds})
 
   partition = _partition(config, train["label"] if classes else train["task_id"])
   client_ranks = ranks_lib.assign(config.data.num_clients, config.seed, config.lora.r_min,
                                   config.lora.r_max, tuple(config.lora.rank_choices),
                                   config.lora.rank_distribution)
-  pattern = config.lora.pattern or provider.DEFAULT_PATTERN
+  pattern, dense_pattern = trainable_patterns(config, provider, loaded.base_params)
   global_lora = lora_lib.init(lora_key, loaded.base_params, pattern, config.lora.r_max)
   if config.lora.get("init_from"):
     global_lora = peft_export.initial_adapter(config, global_lora)
@@ -336,7 +417,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   method = methods_lib.build(config.method.name, run, config.method.kwargs.to_dict())
   spec = client_lib.LocalSpec(
       loss_fn=loaded.loss_fn, optimizer=make_optimizer(config.client),
-      alpha=config.lora.alpha, scale_rule=config.lora.scale_rule, local=method.local)
+      alpha=config.lora.alpha, scale_rule=config.lora.scale_rule, local=method.local, dense=dense_pattern)
   if config.client.local_steps:
     steps = int(config.client.local_steps)
   else:
@@ -349,19 +430,43 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
                                  screening=screening_lib.Screening(config.server.max_update_norm,
                                                                    config.client.clip_norm),
                                  privacy=make_privacy(config)),
-      global_lora=global_lora, init_state=server.init(global_lora, client_ranks, method),
+      global_lora=global_lora,
+      init_state=server.init(global_lora, client_ranks, method,
+                             dense=dense_lib.select(loaded.base_params, dense_pattern)),
       train=train, test=test, partition=partition,
       public=_public_batches(public, config.client.batch_size), steps=steps, label_names=label_names,
-      unseen=unseen, generation_eval=generation_eval)
+      unseen=unseen, generation_eval=generation_eval, choice_eval=choice_eval,
+      pack_rows=pack_rows(config, train, partition, steps))
+
+
+def _cohort_options(config: ml_collections.ConfigDict, partition, cohort, round_index: int, steps: int):
+  """The arguments of :func:`hetlora.data.pack_cohort` / ``cohort_indices`` for one round."""
+  c = config.client
+  return dict(client_indices=[partition[i] for i in cohort], batch_size=c.batch_size,
+              local_epochs=c.local_epochs or None, local_steps=c.local_steps or None, seed=config.seed,
+              round_idx=round_index, client_ids=cohort, pad_steps_to=steps)
+
+
+def pack_rows(config: ml_collections.ConfigDict, train: dict[str, np.ndarray], partition, steps: int) -> int:
+  """Token rows per packed batch: 0 without ``data.packing``, else ``data.pack_rows`` or, when 0,
+  the most rows any local step of the run's cohorts (``server.sample_cohort`` for rounds
+  ``0 .. server.rounds - 1``) packs into (:func:`hetlora.data.segments.rows_needed`)."""
+  d = config.data
+  if not d.get("packing", False):
+    return 0
+  if d.get("pack_rows", 0):
+    return int(d.pack_rows)
+  slots = [data_lib.cohort_indices(**_cohort_options(
+      config, partition, server.sample_cohort(config.seed, r, d.num_clients, config.server.clients_per_round),
+      r, steps)) for r in range(config.server.rounds)]
+  return segments_lib.rows_needed(train, np.stack(slots))
 
 
 def cohort_data(exp: Experiment, cohort: np.ndarray, round_index: int):
-  """Host-packed ``({'batch', 'mask'}, num_examples)`` of ``cohort`` for ``round_index``."""
-  c = exp.config.client
-  packed = data_lib.pack_cohort(
-      exp.train, [exp.partition[i] for i in cohort], c.batch_size,
-      local_epochs=c.local_epochs or None, local_steps=c.local_steps or None, seed=exp.config.seed,
-      round_idx=round_index, client_ids=cohort, pad_steps_to=exp.steps)
+  """Host-packed ``({'batch', 'mask'}, num_examples)`` of ``cohort`` for ``round_index``
+  (several examples per token row when ``exp.pack_rows``)."""
+  packed = data_lib.pack_cohort(exp.train, rows=exp.pack_rows or None,
+                                **_cohort_options(exp.config, exp.partition, cohort, round_index, exp.steps))
   n = packed.pop("num_examples")
   mask = packed.pop("mask")
   return {"batch": packed, "mask": mask}, n

@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hetlora import client as client_lib
+from hetlora import dense as dense_lib
 
 CLIENTS = "clients"
 Train = Callable[..., client_lib.ClientResult]
@@ -183,7 +184,15 @@ def sharded_backend(spec: client_lib.LocalSpec, mesh: Mesh, axis_name: str = CLI
   n_dev = mesh.shape[axis_name]
   clients = NamedSharding(mesh, P(axis_name))
   replicated = NamedSharding(mesh, P())
-  per_device = jax.shard_map(_cohort_fn(spec, chunk_size), mesh=mesh,
+  cohort = _cohort_fn(spec, chunk_size)
+
+  def device_cohort(base_params, lora, ranks, data):
+    # The dense trainables start replicated but train per client: mark them varying over the axis.
+    start = jax.tree.map(lambda x: jax.lax.pcast(x, (axis_name,), to="varying"),
+                         dense_lib.select(base_params, spec.dense))
+    return cohort(dense_lib.overlay(base_params, start), lora, ranks, data)
+
+  per_device = jax.shard_map(device_cohort, mesh=mesh,
                              in_specs=(P(), P(axis_name), P(axis_name), P(axis_name)),
                              out_specs=P(axis_name))
 

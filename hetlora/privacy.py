@@ -8,11 +8,16 @@ averages the uploads with **uniform** weights over the included clients
 
     x <- (1/K) sum_k (x_k^0 + clip(Delta_k, C)) + N(0, (z C / K)^2 I)
 
-on every factor the clients train (``a`` and ``b``; ``b`` only for FFA-LoRA).
-The privacy spent after ``T`` rounds is computed by ``dp-accounting``'s RDP
-accountant for ``T`` compositions of the Poisson-subsampled Gaussian
-mechanism with sampling rate ``q = K / N`` and noise multiplier ``z``,
-reported as ``epsilon`` at ``delta`` (our cohorts are fixed-size samples
+on every factor the clients train (``a`` and ``b``; ``b`` only for FFA-LoRA)
+and on every dense trainable (:mod:`hetlora.dense`, e.g. a trained
+classifier head). The head is part of the client's update: it is clipped
+with the factors (one norm over both, :mod:`hetlora.screening`), averaged
+with the same uniform weights, and noised with the same ``z C / K``, so the
+Gaussian mechanism covers the whole upload (a head left un-noised would be
+released without protection). The privacy spent after ``T`` rounds is
+computed by ``dp-accounting``'s RDP accountant for ``T`` compositions of the
+Poisson-subsampled Gaussian mechanism with sampling rate ``q = K / N`` and
+noise multiplier ``z``, reported as ``epsilon`` at ``delta`` (our cohorts are fixed-size samples
 without replacement; Poisson sampling at the same rate is the usual
 approximation, as in DP-FedAvg's own analysis).
 
@@ -34,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,24 +73,32 @@ class Privacy:
       raise ValueError(f"privacy.delta={self.delta} must be in (0, 1), e.g. 1e-5.")
 
 
-def add_noise(privacy: Privacy, aggregated: LoRA, num_included: jax.Array, trainable: str,
-              key: jax.Array) -> LoRA:
-  """The aggregate plus ``N(0, (z C / K)^2)`` on every trained factor.
+def add_noise(privacy: Privacy, aggregated: LoRA, dense: Any, num_included: jax.Array, trainable: str,
+              key: jax.Array) -> tuple[LoRA, Any]:
+  """The averages plus ``N(0, (z C / K)^2)`` on every trained factor and every dense trainable.
 
   Args:
-    privacy: the options; aggregated: the uniform average of the uploads.
+    privacy: the options; aggregated: the uniform average of the uploaded factors.
+    dense: the uniform average of the uploaded dense trainables (``{}``: none).
     num_included: ``K``, the number of uploads averaged (``>= 1`` is used).
     trainable: ``'ab'`` or ``'b'``, the factors clients train (the others get no noise).
     key: a PRNG key for this round's noise.
+
+  Returns:
+    ``(aggregated, dense)`` with their noise.
   """
   std = privacy.noise_multiplier * privacy.clip_norm / jnp.maximum(num_included, 1).astype(jnp.float32)
-  leaves, treedef = jax.tree.flatten_with_path(aggregated)
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for (path, x), k in zip(leaves, keys):
-    factor = getattr(path[-1], "key", None)
-    noisy = factor in tuple(trainable)
-    out.append(x + std * jax.random.normal(k, x.shape, x.dtype) if noisy else x)
+  trained = lambda path: getattr(path[-1], "key", None) in tuple(trainable)
+  return (_gaussian(aggregated, std, key, trained),
+          _gaussian(dense, std, jax.random.fold_in(key, 1), lambda path: True))
+
+
+def _gaussian(tree: Any, std: jax.Array, key: jax.Array, noised: Callable[[tuple], bool]) -> Any:
+  """``tree`` plus ``N(0, std^2)`` on each leaf whose key path ``noised`` accepts."""
+  leaves, treedef = jax.tree.flatten_with_path(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  out = [x + std * jax.random.normal(k, x.shape, x.dtype) if noised(path) else x
+         for (path, x), k in zip(leaves, keys)]
   return jax.tree.unflatten(treedef, out)
 
 

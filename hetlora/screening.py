@@ -7,7 +7,13 @@ to the client's rank), and its norm is taken on the factors::
     ||Delta_k|| = sqrt( sum_modules ||a_k - a_k^0||_F^2 + ||b_k - b_k^0||_F^2 )
 
 (``r_max (d_in + d_out)`` numbers per module; never the ``d_in x d_out``
-product). An upload is **excluded** from the round when any of its numbers
+product). With dense trainables (:mod:`hetlora.dense`, e.g. a trained
+classifier head ``w``) the update holds their change too, one norm over both::
+
+    ||Delta_k|| = sqrt( ... + sum_dense ||w_k - w^0||_F^2 )
+
+so a head that diverges excludes its upload, and clipping scales the head's
+change with the factors'. An upload is **excluded** from the round when any of its numbers
 (or its loss) is not finite, or when ``||Delta_k|| > max_norm``: it is
 replaced by the factors the client received, gets no weight (``n_k = 0``:
 every method gives a zero-example client no weight) and the client keeps
@@ -60,7 +66,8 @@ class Screening:
 
 
 def update_norms(start: LoRA, trained: LoRA) -> tuple[jax.Array, jax.Array]:
-  """``(||Delta_k||: float32[K], finite: bool[K])`` of stacked trees ``[K, ...]``."""
+  """``(||Delta_k||: float32[K], finite: bool[K])`` of stacked trees ``[K, ...]`` (any pytree of
+  the client's trainables: the LoRA tree, or the pair ``(lora, dense)``)."""
   def per_client(x):
     return jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
 
@@ -77,8 +84,9 @@ def screen(screening: Screening, start: LoRA, trained: LoRA, loss: jax.Array
 
   Args:
     screening: the bounds.
-    start: the factors each client received, stacked ``[K, ...]``.
-    trained: the uploads, stacked ``[K, ...]``.
+    start: what each client received, stacked ``[K, ...]``: the factors, or the pair
+      ``(factors, dense trainables)``.
+    trained: the uploads, stacked ``[K, ...]``, of the same structure.
     loss: ``float32[K]`` the clients' mean local losses (a non-finite loss excludes).
 
   Returns:

@@ -57,6 +57,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from hetlora import data as data_lib
+from hetlora import dense as dense_lib
 from hetlora import experiment as experiment_lib
 from hetlora import lora as lora_lib
 from hetlora import privacy as privacy_lib
@@ -79,7 +80,10 @@ def make_evaluator(exp: experiment_lib.Experiment
   ``test_<metric>_unseen``. With a model that generates and
   ``eval.generate_examples > 0`` it adds the provider's generation metrics,
   ``test_rougeL``, ``test_exact_match`` (where defined) and their ``_unseen``
-  forms, and ``samples`` holds a few generations per task (else it is empty).
+  forms, and ``samples`` holds a few generations per task (else it is empty). On
+  multiple-choice data it adds the provider's option-scoring accuracies, ``test_accuracy``
+  (the mean over tasks), ``test_accuracy_norm`` and ``test_accuracy/<task>``, and a few
+  chosen answers per task to ``samples``.
   :func:`hetlora.server.eval_models` gives the ``G`` models to evaluate (one
   for most methods, one per rank group for methods that keep several); with
   ``G > 1`` the mean is reported beside ``<metric>_by_group``.
@@ -104,8 +108,11 @@ def make_evaluator(exp: experiment_lib.Experiment
       if "accuracy" not in totals and "loss" in totals:
         out[f"test_perplexity{suffix}"] = float(np.exp(out[f"test_loss{suffix}"]))
     samples: list[dict[str, Any]] = []
-    if exp.generation_eval is not None:
-      metrics, samples = exp.generation_eval(base, adapters)
+    for host_eval in (exp.generation_eval, exp.choice_eval):
+      if host_eval is None:
+        continue
+      metrics, more = host_eval(base, adapters)
+      samples += more
       for set_name, values in metrics.items():
         suffix = "" if set_name == "test" else f"_{set_name}"
         for name, per_model in values.items():
@@ -137,11 +144,11 @@ def _evaluate_into(record: dict[str, Any], evaluate, state, workdir: Path, write
 
 def _comm_params(exp, ranks: np.ndarray) -> int:
   """Parameters uploaded by the cohort: ``sum_k r_k * sum_modules (d_in + d_out)`` (``d_out`` alone
-  when the method trains only ``b``)."""
+  when the method trains only ``b``), plus ``K`` copies of the dense trainables (a trained head)."""
   mods = lora_lib.modules(exp.global_lora).values()
   width = sum(m["b"].shape[-1] + (m["a"].shape[-2] if "a" in exp.method.local.trainable else 0)
               for m in mods)
-  return int(np.sum(ranks)) * int(width)
+  return int(np.sum(ranks)) * int(width) + len(ranks) * dense_lib.size(exp.init_state.dense)
 
 
 def _round_record(exp, r, cohort, result, n, seconds) -> dict[str, Any]:
@@ -224,7 +231,9 @@ def _restore(workdir: Path, config, state, writes: bool):
     manager = _checkpoint_manager(workdir, config)
     for candidate in sorted(manager.all_steps(), reverse=True):
       try:
-        restored, step = manager.restore(candidate, args=ocp.args.StandardRestore(state)), candidate
+        restored = state.replace(**manager.restore(
+            candidate, args=ocp.args.StandardRestore(server.checkpoint_tree(state))))
+        step = candidate
         break
       except Exception as e:  # noqa: BLE001 -- any failure to read a step: try the previous one
         failed.append((candidate, _unreadable_reason(directory / str(candidate), e)))
@@ -309,11 +318,15 @@ def _drop_abandoned_read_errors():
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path,
         on_round_end: Callable[[int, dict[str, Any]], None] | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True,
+        play_round: Callable[[experiment_lib.Experiment], PlayRound] | None = None) -> dict[str, Any]:
   """Runs (or resumes) the experiment of ``config`` in ``workdir``; returns the summary.
 
   ``on_round_end(round, record)`` is called after each round's metrics are
-  written (the round's checkpoint, if due, is saved before). The experiment
+  written (the round's checkpoint, if due, is saved before). ``play_round(exp)``
+  builds how a round is played (default :func:`local_round`: the cohort's data
+  packed here, ``exp.round_fn``); a driver whose clients train elsewhere
+  (:mod:`hetlora.flower`) plays it with the same server steps. The experiment
   is built (and the config validated) before the workdir is created; the
   workdir is locked, its run identity checked and a failed start cleaned up
   by :func:`hetlora.workdir.open_run`.
@@ -324,10 +337,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
   config_json = config.to_json_best_effort(indent=2)
   with workdir_lib.open_run(workdir, identity, config_json, writer=writes) as run_dir, \
       _drop_abandoned_read_errors():
-    return _train(config, exp, run_dir, writes, on_round_end, progress)
+    return _train(config, exp, run_dir, writes, on_round_end, progress, (play_round or local_round)(exp))
 
 
-def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end, progress) -> dict[str, Any]:
+# play(state, cohort, round_index, key) -> (state, result, num_examples: float32[K], extra metrics)
+PlayRound = Callable[[server.ServerState, np.ndarray, int, jax.Array],
+                     tuple[server.ServerState, Any, np.ndarray, dict[str, Any]]]
+
+
+def local_round(exp: experiment_lib.Experiment) -> PlayRound:
+  """The in-process round: the cohort's data packed on this host, trained by ``exp.round_fn``."""
+  def play(state, cohort, r, key):
+    data, n = experiment_lib.cohort_data(exp, cohort, r)
+    state, result = exp.round_fn(state, exp.base_params, cohort, data, n, key=key, public=exp.public)
+    return state, result, n, {}
+  return play
+
+
+def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end, progress,
+           play: PlayRound) -> dict[str, Any]:
   workdir = run_dir.path
   evaluate = make_evaluator(exp)
   rounds, n_clients = config.server.rounds, config.data.num_clients
@@ -361,12 +389,10 @@ def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end,
     bar = tqdm.trange(start, rounds, initial=start, total=rounds, disable=not progress, desc="rounds")
     for r in bar:
       cohort = server.sample_cohort(config.seed, r, n_clients, per_round)
-      data, n = experiment_lib.cohort_data(exp, cohort, r)
       t0 = time.perf_counter()
-      state, result = exp.round_fn(state, exp.base_params, cohort, data, n,
-                                   key=jax.random.fold_in(run_key, r), public=exp.public)
+      state, result, n, extra = play(state, cohort, r, jax.random.fold_in(run_key, r))
       jax.block_until_ready(state)
-      record = _round_record(exp, r, cohort, result, n, time.perf_counter() - t0)
+      record = {**_round_record(exp, r, cohort, result, n, time.perf_counter() - t0), **extra}
       if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
         _evaluate_into(record, evaluate, state, workdir, writes)
       if writes:
@@ -379,7 +405,7 @@ def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end,
           if isinstance(v, float):
             writer.add_scalar(k, v, r + 1)
       if (r + 1) % config.checkpoint_every == 0 or r + 1 == rounds:
-        manager.save(r + 1, args=ocp.args.StandardSave(state))
+        manager.save(r + 1, args=ocp.args.StandardSave(server.checkpoint_tree(state)))
         manager.wait_until_finished()
       bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                       test=f"{history_last(history, headline_metric(history)):.3f}",
@@ -427,17 +453,27 @@ def _summary(config, exp, state, history) -> dict[str, Any]:
       "final_train_loss": history_last(history, "train_loss"),
       "total_comm_params": int(sum(row["comm_params"] for row in rounds)),
       "train_seconds": float(sum(row["time"]["round_s"] for row in rounds)),
+      "eval_seconds": float(sum(row["time"].get("eval_s", 0.0) for row in history)),
       "final_client_ranks": np.asarray(state.client_ranks).tolist(),
-      "num_train_examples": int(len(exp.train["input_ids"])),
-      "num_test_examples": int(len(exp.test["input_ids"])),
+      "num_train_examples": int(len(next(iter(exp.train.values())))),   # any column: [N, ...]
+      "num_test_examples": int(len(next(iter(exp.test.values())))),
   }
   for key in GENERATION_SUMMARY:
     if any(key in row for row in history):
       summary[f"final_{key}"] = history_last(history, key)
+  by_task = [(row["round"], metrics) for row in history if (metrics := _task_metrics(row))]
+  if by_task:
+    summary["by_task_by_round"] = by_task
   if any("test_rougeL" in row for row in history):
     summary["rougeL_by_round"] = [(row["round"], row["test_rougeL"], row.get("test_rougeL_unseen"))
                                   for row in history if "test_rougeL" in row]
   return summary
+
+
+def _task_metrics(row: dict[str, Any]) -> dict[str, float]:
+  """The per-task test metrics of a metrics row, ``{'accuracy/boolq': ...}`` (``test_`` dropped)."""
+  return {k[len("test_"):]: v for k, v in row.items()
+          if k.startswith("test_") and "/" in k and not k.endswith("_by_group")}
 
 
 def _tensorboard(workdir: Path):

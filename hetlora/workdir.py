@@ -15,9 +15,11 @@ after the experiment is built (so an invalid config creates nothing):
    data source and kwargs, partition, client ranks, LoRA pattern / ``r_max`` /
    ``alpha`` / scale rule, optimiser, seed, clients, ...) and what the config
    derives (label count, training / test set sizes, every LoRA module's
-   factor shapes). A resume whose identity differs in any field is refused
-   with a ``ValueError`` listing each field (``old -> new``) before anything
-   in the workdir changes; ``config.json`` is written only by a new run.
+   factor shapes, the shapes of dense trainables such as a trained head;
+   ``model.head`` is a config field). A resume whose identity differs in any
+   field is refused with a ``ValueError`` listing each field (``old -> new``)
+   before anything in the workdir changes; ``config.json`` is written only by
+   a new run.
 3. **No debris.** If the run fails before its first round is recorded, what
    this run created is removed: the whole workdir (and the parent directories
    it made, while empty) if this run made it, else only the files it added
@@ -51,6 +53,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from flax import traverse_util
+
 from hetlora import lora as lora_lib
 
 LOCK_FILE = "run.lock"
@@ -82,17 +86,20 @@ def identity(config, exp) -> dict[str, Any]:
   ``config`` is every config field but :data:`RESUMABLE`; ``derived`` holds
   ``num_labels``, ``num_train_examples``, ``num_test_examples`` and
   ``lora_shapes`` (``{module path: 'a[d_in, r_max] b[r_max, d_out]'}``) of the
-  built :class:`hetlora.experiment.Experiment`.
+  built :class:`hetlora.experiment.Experiment`, and ``dense_shapes``
+  (``{param path: [shape]}``) when the run has dense trainables.
   """
   flat = _flatten(json.loads(config.to_json_best_effort()))
   shapes = {path: " ".join(f"{k}{list(v.shape)}" for k, v in sorted(m.items()))
             for path, m in lora_lib.modules(exp.global_lora).items()}
+  dense = traverse_util.flatten_dict(exp.init_state.dense, sep="/")
   column = next(iter(exp.train))
-  return {
-      "config": {k: v for k, v in flat.items() if k not in RESUMABLE and v is not None},
-      "derived": {"num_labels": len(exp.label_names), "num_train_examples": int(len(exp.train[column])),
-                  "num_test_examples": int(len(exp.test[column])), "lora_shapes": shapes},
-  }
+  derived = {"num_labels": len(exp.label_names), "num_train_examples": int(len(exp.train[column])),
+             "num_test_examples": int(len(exp.test[column])), "lora_shapes": shapes}
+  if dense:   # absent without dense trainables: workdirs made before them resume unchanged
+    derived["dense_shapes"] = {path: list(x.shape) for path, x in sorted(dense.items())}
+  return {"config": {k: v for k, v in flat.items() if k not in RESUMABLE and v is not None},
+          "derived": derived}
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

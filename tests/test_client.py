@@ -5,7 +5,7 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hetlora import aggregation, client, lora as lora_lib, methods, server
+from hetlora import aggregation, client, lora as lora_lib
 from hetlora.methods import hetlora as hetlora_method
 from hetlora.models import tiny
 
@@ -138,25 +138,6 @@ def _mlp_round_inputs(k=5, steps=3, batch=4, seed=0):
                     "label": rng.integers(0, 3, (k, steps, batch)).astype(np.int32)},
           "mask": (rng.uniform(size=(k, steps, batch)) < 0.8).astype(np.float32)}
   return model, base, glob, data
-
-
-def test_vmap_backend_equals_sequential_backend():
-  model, base, glob, data = _mlp_round_inputs()
-  spec = client.LocalSpec(tiny.classification_loss(model), optax.adamw(1e-2), alpha=8.0)
-  method = methods.get("hetlora", lam=1e-2, prune=True)
-  state = server.init(glob, np.array([1, 2, 6, 3, 5, 4, 6]), method)
-  cohort = np.array([0, 2, 3, 4, 6], np.int32)
-  n = data["mask"].sum((1, 2))
-  results = {}
-  for backend in ("vmap", "sequential"):
-    rf = server.make_round(spec, method, backend=backend)
-    s1, res = rf(state, base, cohort, data, n)
-    s2, _ = rf(s1, base, cohort, data, n)
-    results[backend] = (s2, res)
-  (sv, rv), (ss, rs) = results["vmap"], results["sequential"]
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6),
-               (sv.method_state, rv.lora, rv.loss), (ss.method_state, rs.lora, rs.loss))
-  np.testing.assert_array_equal(np.asarray(sv.client_ranks), np.asarray(ss.client_ranks))
 
 
 def test_sequential_backend_names_failing_client():

@@ -247,7 +247,7 @@ def test_launch_export_writes_the_trained_adapter(trained, tmp_path):
          f"--out={out}"]
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert (out / peft.ADAPTER_FILE).is_file() and (out / peft.HEAD_FILE).is_file()
+  assert sorted(p.name for p in out.iterdir()) == [peft.CONFIG_FILE, peft.ADAPTER_FILE]
   again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert again.returncode != 0 and "--overwrite" in again.stderr
 
@@ -255,8 +255,10 @@ def test_launch_export_writes_the_trained_adapter(trained, tmp_path):
   assert peft_config["target_modules"] == [f"encoder.layer.{i}.attention.self.{m}"
                                            for i in (0, 1) for m in ("query", "value")]
   num_labels = json.loads((workdir / "identity.json").read_text())["derived"]["num_labels"]
-  head = load_file(str(out / peft.HEAD_FILE))
-  assert head["classifier.weight"].shape == (num_labels, 32) and head["classifier.bias"].shape == (num_labels,)
+  tensors = load_file(str(out / peft.ADAPTER_FILE))   # the head as PEFT's modules_to_save stores it
+  assert peft_config["modules_to_save"] == ["classifier"]
+  assert tensors[peft.PREFIX + "classifier.weight"].shape == (num_labels, 32)
+  assert tensors[peft.PREFIX + "classifier.bias"].shape == (num_labels,)
 
   adapter = workdir_adapter.from_workdir(workdir)
   assert set(adapter.extra) == {"classifier/kernel", "classifier/bias"} and "classifier" not in adapter.modules

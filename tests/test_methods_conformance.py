@@ -6,7 +6,10 @@ masked slots stay exactly zero, aggregation is the identity on a consensus
 across rank changes, vmap == sequential == chunked == sharded (8 simulated
 devices, in the subprocess of ``test_eight_devices.py``), determinism, a zero-example client has no weight
 and causes no NaN, and invalid ranks are refused. Each method's formulas are
-checked against plain numpy in its own ``test_methods_<name>.py``.
+checked against plain numpy in its own ``test_methods_<name>.py``. Every
+problem trains its classifier head in full beside the LoRA factors (dense
+trainables, :mod:`hetlora.dense`), so the head's FedAvg passes the same
+checks for every method.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import optax
 import pytest
 
 from hetlora import client as client_lib
+from hetlora import dense as dense_lib
 from hetlora import lora as lora_lib
 from hetlora import methods
 from hetlora import parallel
@@ -34,6 +38,7 @@ ALPHA, RULE = 8.0, "alpha/r"
 # Server-side distillation moves HeLoRA-KD's group models on purpose; switching it off (epochs 0)
 # leaves its aggregation to be checked like every other method's.
 CONSENSUS_OPTIONS = {"helora_kd": {"epochs": 0}}
+HEAD = r"^head/"   # the dense trainables: the classifier head, trained in full by every client
 
 
 
@@ -49,7 +54,7 @@ class Problem:
 
 
 def _model():
-  model = tiny.MLPClassifier(hidden=(6,), num_classes=CLASSES)
+  model = tiny.MLPClassifier(hidden=(6, 6), num_classes=CLASSES)
   return model, tiny.init_params(model, jax.random.key(0), D_IN)
 
 
@@ -79,8 +84,8 @@ def _problem(name: str, options=None, seed: int = 0) -> Problem:
   ranks = _ranks_for(name)
   method = methods.build(name, _run(name, ranks), options)
   spec = client_lib.LocalSpec(tiny.classification_loss(model), optax.sgd(0.3, momentum=0.9), alpha=ALPHA,
-                              scale_rule=RULE, local=method.local)
-  glob = lora_lib.init(jax.random.key(1), base, "kernel$", R_MAX)
+                              scale_rule=RULE, local=method.local, dense=HEAD)
+  glob = lora_lib.init(jax.random.key(1), base, r"hidden_\d/kernel$", R_MAX)
   glob = lora_lib.map_modules(lambda m: {"a": m["a"], "b": 0.1 * jnp.ones_like(m["b"])}, glob)
   rng = np.random.default_rng(seed)
   mask = np.ones((K, STEPS, B), np.float32)
@@ -90,8 +95,12 @@ def _problem(name: str, options=None, seed: int = 0) -> Problem:
   return Problem(method, spec, base, glob, ranks, data, public)
 
 
+def _init(p: Problem) -> server.ServerState:
+  return server.init(p.global_lora, p.ranks, p.method, dense=dense_lib.select(p.base, HEAD))
+
+
 def _round(p: Problem, backend="vmap", state=None, n=None, data=None):
-  state = server.init(p.global_lora, p.ranks, p.method) if state is None else state
+  state = _init(p) if state is None else state
   n = p.data["mask"].sum((1, 2)) if n is None else n
   round_fn = server.make_round(p.spec, p.method, backend)
   return round_fn(state, p.base, jnp.arange(K, dtype=jnp.int32), p.data if data is None else data, n,
@@ -143,7 +152,7 @@ def test_masked_slots_stay_zero(name):
 def test_consensus_is_a_fixed_point(name):
   """Equal ranks and one update from every client: the next round starts from that update."""
   p = _problem(name, CONSENSUS_OPTIONS.get(name))
-  state = server.init(p.global_lora, p.ranks, p.method)
+  state = _init(p)
   _, result = _round(p, state=state)
   rank = int(result.rank[0])
   ranks = jnp.full((K,), rank, jnp.int32)
@@ -167,7 +176,7 @@ def test_one_compilation_across_rank_changes_and_deterministic(name):
   n = p.data["mask"].sum((1, 2))
   runs = []
   for _ in range(2):
-    state = server.init(p.global_lora, p.ranks, p.method)
+    state = _init(p)
     for r in range(2):
       state, result = round_fn(state, p.base, jnp.arange(K, dtype=jnp.int32), p.data, n,
                                key=jax.random.key(r), public=p.public)
@@ -198,12 +207,14 @@ def test_zero_example_client_has_no_weight_and_no_nan(name):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
   assert float(result.examples[2]) == 0.0
   rng = np.random.default_rng(1)
-  garbage = jax.tree.map(lambda x: x.at[2].set(jnp.asarray(rng.normal(size=x.shape[1:]) * 50, x.dtype)),
-                         result.lora)
+  spoil = lambda tree: jax.tree.map(
+      lambda x: x.at[2].set(jnp.asarray(rng.normal(size=x.shape[1:]) * 50, x.dtype)), tree)
   ranks = result.rank
   scales = lora_lib.scale(ranks, ALPHA, RULE, R_MAX)
-  _close(p.method.aggregate(garbage, ranks, jnp.asarray(n), scales),
+  _close(p.method.aggregate(spoil(result.lora), ranks, jnp.asarray(n), scales),
          p.method.aggregate(result.lora, ranks, jnp.asarray(n), scales), tol=1e-6)
+  _close(dense_lib.average(spoil(result.dense), jnp.asarray(n), state.dense),
+         dense_lib.average(result.dense, jnp.asarray(n), state.dense), tol=1e-6)
 
 
 @single_device

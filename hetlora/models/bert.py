@@ -23,6 +23,12 @@ adapt any of them. Parameter paths::
     classifier/{kernel,bias}                      (BertClassifier only)
 
 Apply as ``model.apply({'params': base, 'lora': lora_eff}, input_ids, mask)``.
+
+Packed rows (:mod:`hetlora.models.segments`): pass ``segment_ids`` and
+``positions: int[B, L]`` instead of a mask; a token attends only within its
+segment and takes its position embedding from ``positions``, so each segment's
+states equal those of the example alone. :class:`BertClassifier` then pools
+per segment into ``num_segments`` example slots.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hetlora.models import segments
 from hetlora.models.layers import LoRADense
 
 SUPPORTED_MODEL_TYPES = ("bert",)
@@ -110,12 +117,15 @@ class BertConfig:
 
 
 class BertEmbeddings(nn.Module):
-  """Word + position + token-type embeddings, then LayerNorm: ``[B, L] -> [B, L, H]``."""
+  """Word + position + token-type embeddings, then LayerNorm: ``[B, L] -> [B, L, H]``.
+
+  Positions are ``0..L-1`` unless ``positions: int[B, L]`` is given (packed rows).
+  """
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
+  def __call__(self, input_ids, token_type_ids, deterministic: bool = True, positions=None):
     cfg = self.config
     seq_len = input_ids.shape[-1]
     if seq_len > cfg.max_position_embeddings:
@@ -125,7 +135,9 @@ class BertEmbeddings(nn.Module):
     embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=self.dtype,
                                      embedding_init=init, name=name)
     x = embed(cfg.vocab_size, "word_embeddings")(input_ids)
-    x = x + embed(cfg.max_position_embeddings, "position_embeddings")(jnp.arange(seq_len))[None]
+    if positions is None:
+      positions = jnp.arange(seq_len)[None]
+    x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
     x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -136,13 +148,14 @@ class BertAttention(nn.Module):
 
   ``query/key/value/output`` are ``LoRADense`` with kernels ``[H, H]``; heads
   are split by reshaping the dense output to ``[B, L, n_heads, head_dim]``.
-  Scores and softmax run in float32; masked keys get ``-inf``-like scores.
+  Scores and softmax run in float32; keys a query does not see (``visible:
+  bool[B, 1 or L, L]``, query by key) get ``-inf``-like scores.
   """
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool = True):
+  def __call__(self, x, visible, deterministic: bool = True):
     cfg = self.config
     b, l, _ = x.shape
     dense = lambda name: LoRADense(cfg.hidden_size, dtype=self.dtype, name=name,
@@ -151,7 +164,7 @@ class BertAttention(nn.Module):
     q, k, v = (split(dense(n)(x)) for n in ("query", "key", "value"))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-    scores = jnp.where(mask[:, None, None, :].astype(bool), scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
@@ -174,16 +187,16 @@ class BertMLP(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """One post-LN transformer layer, ``[B, L, H] -> [B, L, H]``."""
+  """One post-LN transformer layer, ``[B, L, H] -> [B, L, H]`` (``visible`` as in :class:`BertAttention`)."""
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool = True):
+  def __call__(self, x, visible, deterministic: bool = True):
     cfg = self.config
     drop = nn.Dropout(cfg.hidden_dropout_prob)
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
-    h = BertAttention(cfg, self.dtype, name="attention")(x, mask, deterministic)
+    h = BertAttention(cfg, self.dtype, name="attention")(x, visible, deterministic)
     x = norm("attention_norm")(x + drop(h, deterministic=deterministic))
     h = BertMLP(cfg, self.dtype, name="mlp")(x)
     return norm("mlp_norm")(x + drop(h, deterministic=deterministic))
@@ -195,20 +208,28 @@ class BertStack(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool = True):
+  def __call__(self, x, visible, deterministic: bool = True):
     for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
+      x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, visible, deterministic)
     return x
 
 
-def _encode(config, dtype, input_ids, attention_mask, token_type_ids, deterministic):
-  """Embeddings + encoder stack, built inside the caller's compact scope."""
-  if attention_mask is None:
-    attention_mask = jnp.ones_like(input_ids)
+def _encode(config, dtype, input_ids, attention_mask, token_type_ids, deterministic,
+            segment_ids=None, positions=None):
+  """Embeddings + encoder stack, built inside the caller's compact scope.
+
+  With ``segment_ids`` (packed rows) attention stays within a segment and
+  ``attention_mask`` is not read.
+  """
   if token_type_ids is None:
     token_type_ids = jnp.zeros_like(input_ids)
-  x = BertEmbeddings(config, dtype, name="embeddings")(input_ids, token_type_ids, deterministic)
-  return BertStack(config, dtype, name="encoder")(x, attention_mask, deterministic)
+  if segment_ids is not None:
+    visible = segments.visibility(segment_ids)
+  else:
+    mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+    visible = mask[:, None, :].astype(bool)
+  x = BertEmbeddings(config, dtype, name="embeddings")(input_ids, token_type_ids, deterministic, positions)
+  return BertStack(config, dtype, name="encoder")(x, visible, deterministic)
 
 
 class BertModel(nn.Module):
@@ -263,6 +284,22 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, method: str) -> jax.Array
   raise ValueError(f"pooling must be one of {POOLINGS}, got {method!r}.")
 
 
+def segment_pool(hidden: jax.Array, segment_ids: jax.Array, positions: jax.Array, method: str,
+                 num_segments: int) -> jax.Array:
+  """:func:`pool` of each segment of packed rows: ``[R, L, H] -> float32[num_segments, H]``.
+
+  ``'mean'``: the mean of a segment's states (zeros for an empty slot);
+  ``'cls'``: the state at its position 0.
+  """
+  if method == "mean":
+    total = segments.segment_sum(hidden, segment_ids, num_segments)
+    count = segments.segment_sum(jnp.ones(segment_ids.shape), segment_ids, num_segments)
+    return total / jnp.maximum(count, 1e-9)[:, None]
+  if method == "cls":
+    return segments.segment_sum(hidden, jnp.where(positions == 0, segment_ids, 0), num_segments)
+  raise ValueError(f"pooling must be one of {POOLINGS}, got {method!r}.")
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """``x / max(||x||, eps)`` along the last axis."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
@@ -272,7 +309,9 @@ class BertClassifier(nn.Module):
   """Encoder + pooling + ``LoRADense`` head: ``int32[B, L] -> float32[B, num_labels]``.
 
   The encoder's parameters sit at the same paths as in :class:`BertModel`, so
-  a loaded tree plus :func:`init_head` is a complete parameter tree.
+  a loaded tree plus :func:`init_head` is a complete parameter tree. Packed
+  rows (``segment_ids``, ``positions: int32[R, L]`` and the static
+  ``num_segments = B``) give ``float32[B, num_labels]`` by :func:`segment_pool`.
   """
   config: BertConfig
   num_labels: int
@@ -281,12 +320,18 @@ class BertClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
-               deterministic: bool = True):
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    hidden = _encode(self.config, self.dtype, input_ids, attention_mask, token_type_ids,
-                     deterministic)
-    pooled = pool(hidden, attention_mask, self.pooling)
+               deterministic: bool = True, segment_ids=None, positions=None,
+               num_segments: int | None = None):
+    if segment_ids is not None:
+      hidden = _encode(self.config, self.dtype, input_ids, None, token_type_ids, deterministic,
+                       segment_ids, positions)
+      pooled = segment_pool(hidden, segment_ids, positions, self.pooling, num_segments)
+    else:
+      if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+      hidden = _encode(self.config, self.dtype, input_ids, attention_mask, token_type_ids,
+                       deterministic)
+      pooled = pool(hidden, attention_mask, self.pooling)
     pooled = nn.Dropout(self.config.hidden_dropout_prob)(pooled, deterministic=deterministic)
     logits = LoRADense(self.num_labels, dtype=self.dtype, name="classifier",
                        kernel_init=nn.initializers.normal(self.config.initializer_range))(pooled)

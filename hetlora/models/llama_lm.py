@@ -34,8 +34,9 @@ The per-example loss is the mean next-token NLL over answer tokens
 (:func:`hetlora.models.lm_tasks.causal_lm_loss`); ``eval_sums`` gives the
 token-weighted ``loss`` and next-token ``token_accuracy`` over the answer
 tokens of real examples; ``generation_eval`` (:func:`generation_eval_fn`) answers
-test prompts greedily and scores them by ROUGE-L and exact match. See
-:mod:`hetlora.models.provider` for the interface.
+test prompts greedily and scores them by ROUGE-L and exact match; ``choice_eval``
+(:func:`choice_eval_fn`) scores the options of multiple-choice data by their
+log-likelihood. See :mod:`hetlora.models.provider` for the interface.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import tokenizers
 
 from hetlora.data.sources import PromptDataset
 from hetlora.data.tokenize import tokenize_prompts, tokenize_prompts_only
-from hetlora.models import files, generation, gguf_loading, gguf_tokenizer, llama, lm_tasks
+from hetlora.models import files, generation, gguf_loading, gguf_tokenizer, llama, lm_tasks, multiple_choice
 from hetlora.models import tokenizer as tokenizer_lib
 from hetlora.models.provider import (Loaded, check_dataset, compute_dtype, example_mask,
                                      max_len_of, model_errors)
@@ -274,6 +275,32 @@ def generation_eval_fn(model: llama.Llama, tok: tokenizers.Tokenizer, fmt: Promp
   return generation_eval
 
 
+def choice_eval_fn(model: llama.Llama, tokenize_fn, chunk: int = lm_tasks.DEFAULT_CHUNK):
+  """The ``choice_eval`` hook of :class:`hetlora.models.provider.Loaded` for this decoder.
+
+  ``choice_eval(sets, *, batch_size, max_examples=0, samples_per_task=2) -> evaluate``: of each
+  multiple-choice :class:`hetlora.data.PromptDataset` in ``sets``, up to ``max_examples``
+  examples (tasks in turn, :func:`hetlora.models.generation.stratified`; 0 = all), each option
+  tokenized by ``tokenize_fn`` as the training targets are, without the end-of-sequence token;
+  ``evaluate(base, adapters [G, ...])`` scores every option by its summed answer-token
+  log-probability (:func:`hetlora.models.lm_tasks.model_logprobs`, ``chunk`` as in the loss)
+  and reports the accuracies of :func:`hetlora.models.multiple_choice.make_evaluator`.
+  """
+  @jax.jit
+  def score_fn(base, lora_eff, batch):
+    lp = lm_tasks.model_logprobs(model, base, lora_eff, batch, chunk)                # [B, L-1]
+    return jnp.sum(lp * lm_tasks.answer_weights(batch), axis=1)
+
+  def choice_eval(sets, *, batch_size: int, max_examples: int = 0, samples_per_task: int = 2):
+    rows = {name: multiple_choice.option_rows(ds.select(generation.stratified(ds.task_ids, max_examples)),
+                                              tokenize_fn)
+            for name, ds in sets.items() if ds is not None and len(ds)}
+    return multiple_choice.make_evaluator(score_fn, rows, batch_size=batch_size,
+                                          samples_per_task=samples_per_task)
+
+  return choice_eval
+
+
 def load(model_config, *, num_labels: int | None = None, key: jax.Array | None = None) -> Loaded:
   """Loads the decoder and its tokenizer (``num_labels`` and ``key`` are unused).
 
@@ -297,9 +324,7 @@ def load(model_config, *, num_labels: int | None = None, key: jax.Array | None =
   fmt = prompting(tok, meta, requested)
   model = llama.Llama(cfg, dtype=dtype)
 
-  def prepare(dataset, max_len: int | None = None):
-    check_dataset(dataset, PromptDataset, KIND, TASK)
-    n = default_len if max_len is None else max_len_of({"max_len": max_len}, minimum=2)
+  def tokenize(dataset, max_len: int, eos_id: int | None):
     messages = dataset.messages or [None] * len(dataset)
     pairs = [fmt.format_pair(p, t, m) for p, t, m in zip(dataset.prompts, dataset.targets, messages)]
     formatted = PromptDataset([p for p, _ in pairs], [t for _, t in pairs], dataset.task_ids,
@@ -308,9 +333,15 @@ def load(model_config, *, num_labels: int | None = None, key: jax.Array | None =
     def encode_fn(texts):
       return tokenizer_lib.encode(tok, texts, pad_id=fmt.pad_id, add_special_tokens=False)
 
-    return tokenize_prompts(formatted, encode_fn, n, pad_id=fmt.pad_id, bos_id=fmt.bos_id,
-                            eos_id=fmt.eos_id, prompt_head=prompt_head)
+    return tokenize_prompts(formatted, encode_fn, max_len, pad_id=fmt.pad_id, bos_id=fmt.bos_id,
+                            eos_id=eos_id, prompt_head=prompt_head)
+
+  def prepare(dataset, max_len: int | None = None):
+    check_dataset(dataset, PromptDataset, KIND, TASK)
+    n = default_len if max_len is None else max_len_of({"max_len": max_len}, minimum=2)
+    return tokenize(dataset, n, fmt.eos_id)
 
   return Loaded(base_params=params, loss_fn=lm_tasks.causal_lm_loss(model, chunk), logits_fn=None,
                 eval_sums=eval_sums_fn(model, chunk), prepare=prepare, tokenizer=tok, model=model,
-                config=cfg, generation_eval=generation_eval_fn(model, tok, fmt, default_len, prompt_head))
+                config=cfg, generation_eval=generation_eval_fn(model, tok, fmt, default_len, prompt_head),
+                choice_eval=choice_eval_fn(model, lambda ds: tokenize(ds, default_len, None), chunk))

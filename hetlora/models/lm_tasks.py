@@ -23,6 +23,12 @@ logits whatever ``B``)::
 each chunk under ``jax.checkpoint``, so forward and backward hold the logits
 of one chunk, ``[C, V]``, never ``[B, L, V]``. Same numbers as ``chunk =
 0`` (full logits) up to float rounding, LoRA on the head included.
+
+Packed batches (:mod:`hetlora.models.segments`: several examples per row,
+``segment_ids`` and ``positions``) give the same per-example losses: the model
+attends causally within each segment, a target counts only when it and the
+token predicting it share a segment, and the sums above run per segment into
+the ``B`` example slots. Evaluation (``eval_sums``) reads unpacked batches.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from hetlora.models import llama
+from hetlora.models import llama, segments
 
 Batch = Mapping[str, jax.Array]
 DEFAULT_CHUNK = 128
@@ -109,26 +115,42 @@ def chunked_logprobs(head: Callable[[Any, jax.Array], jax.Array], head_params: A
 
 
 def answer_weights(batch: Batch) -> jax.Array:
-  """``w_t = loss_mask_t * attention_mask_t`` for ``t = 1..L-1``: ``float32[B, L-1]``."""
+  """``w_t = loss_mask_t * attention_mask_t`` for ``t = 1..L-1``: ``float32[B, L-1]``.
+
+  Packed rows: ``w_t = loss_mask_t * [s_t = s_{t-1} > 0]`` (a target predicted
+  from its own segment), ``float32[R, L-1]``.
+  """
+  if segments.is_packed(batch):
+    s = batch[segments.SEGMENT_IDS]
+    own = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] > 0)
+    return batch["loss_mask"][:, 1:].astype(jnp.float32) * own
   return (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+
+
+def _apply_kwargs(batch: Batch) -> dict:
+  """The model's packing arguments (``segment_ids``, ``positions``) of a packed batch, else none."""
+  if segments.is_packed(batch):
+    return {"segment_ids": batch[segments.SEGMENT_IDS], "positions": batch[segments.POSITIONS]}
+  return {}
 
 
 def model_logprobs(model: nn.Module, base_params, lora_eff, batch: Batch, chunk: int,
                    with_argmax: bool = False):
   """``log p(x_t | x_<t): float32[B, L-1]`` of a :class:`hetlora.models.llama.Llama` (and argmax).
 
-  ``chunk = 0`` applies the model for full ``[B, L, V]`` logits; ``chunk > 0``
+  ``batch``: unpacked (``attention_mask``) or packed (``segment_ids``, ``positions``:
+  then ``[R, L-1]``). ``chunk = 0`` applies the model for full ``[B, L, V]`` logits; ``chunk > 0``
   applies it with ``return_hidden=True`` and the head by :func:`chunked_logprobs`.
   """
   variables = llama.variables(base_params, lora_eff)
-  ids, mask = batch["input_ids"], batch["attention_mask"]
+  ids, mask, packed = batch["input_ids"], batch.get("attention_mask"), _apply_kwargs(batch)
   if chunk == 0:
-    logits = model.apply(variables, ids, mask)
+    logits = model.apply(variables, ids, mask, **packed)
     lp = token_logprobs(logits, ids)
     if with_argmax:
       return lp, jnp.argmax(logits[:, :-1], axis=-1).astype(jnp.int32)
     return lp
-  h = model.apply(variables, ids, mask, return_hidden=True)[:, :-1]               # [B, L-1, D]
+  h = model.apply(variables, ids, mask, return_hidden=True, **packed)[:, :-1]     # [B, L-1, D]
   head = lambda p, h_c: llama.head_logits(model, p[0], p[1], h_c)
   return chunked_logprobs(head, (base_params, lora_eff), h, ids[:, 1:], chunk, with_argmax)
 
@@ -139,6 +161,8 @@ def causal_lm_loss(model: nn.Module, chunk: int = DEFAULT_CHUNK) -> Callable[[An
   ``batch`` holds ``'input_ids': int32[B, L]``, ``'attention_mask': int32[B, L]``
   and ``'loss_mask': float32[B, L]``, where ``loss_mask[b, t] = 1`` makes token
   ``t`` (predicted from positions ``< t``) count; ``loss_mask[:, 0]`` is ignored.
+  Or packed: ``input_ids``, ``loss_mask``, ``segment_ids``, ``positions: [R, L]``
+  and ``segment_length: int32[B]`` (module docstring), same ``float32[B]``.
   ``lora_eff`` is the folded tree of :func:`hetlora.lora.fold_scale` (or None).
 
   ``chunk = 0``: the model is applied as ``model.apply({'params': base_params,
@@ -159,5 +183,8 @@ def causal_lm_loss(model: nn.Module, chunk: int = DEFAULT_CHUNK) -> Callable[[An
   def loss_fn(base_params, lora_eff, batch: Batch) -> jax.Array:
     lp = model_logprobs(model, base_params, lora_eff, batch, chunk)
     w = answer_weights(batch)
+    if segments.is_packed(batch):
+      s, b = batch[segments.SEGMENT_IDS][:, 1:], segments.num_slots(batch)
+      return -segments.segment_sum(lp * w, s, b) / jnp.maximum(segments.segment_sum(w, s, b), 1.0)
     return -(lp * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
   return loss_fn

@@ -6,8 +6,13 @@ registry), that exposes:
 
 - ``DEFAULT_PATTERN: str``: the default LoRA targets, a regex over
   ``'/'``-joined parameter paths (:func:`hetlora.lora.init`).
-- ``TASK: str``: what its data is, ``'classification'`` (a
-  :class:`hetlora.data.TextDataset`) or ``'causal_lm'`` (a
+- ``HEAD_PATTERN: str`` (optional): the task head's parameters that
+  ``load`` draws from ``key`` (the checkpoint lacks them), e.g.
+  ``r'^classifier/(kernel|bias)$'``; ``config.model.head`` then picks how
+  they train (:func:`hetlora.experiment.trainable_patterns`).
+- ``TASK: str``: what its data is, ``'classification'`` (labelled examples with
+  ``label_names``: a :class:`hetlora.data.TextDataset`, or a
+  :class:`hetlora.data.ImageDataset` for an image model) or ``'causal_lm'`` (a
   :class:`hetlora.data.PromptDataset`).
 - ``DEFAULT_NAME: str``: the model ``config.model.name`` falls back to.
 - ``load(model_config, *, num_labels, key) -> Loaded``: weights, tokenizer
@@ -48,7 +53,7 @@ Batch = Mapping[str, jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("classification", "causal_lm")
 # Known providers, named in error messages only (lookup is by module name).
-KNOWN_KINDS = ("bert_classifier", "llama_lm")
+KNOWN_KINDS = ("bert_classifier", "llama_lm", "vit_classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,7 @@ class Loaded:
       the tokenized columns ``loss_fn`` reads (``max_len`` defaults to
       ``model.max_len``), plus the flags ``truncated, empty: bool[N]``
       (:mod:`hetlora.data.tokenize`; packing leaves them out of batches).
-    tokenizer: the ``tokenizers.Tokenizer``.
+    tokenizer: the ``tokenizers.Tokenizer`` (``None`` for image models).
     model: the Flax module.
     config: the model's own config dataclass (``BertConfig``, ``LlamaConfig``).
     generation_eval: ``generation_eval(sets, *, max_new_tokens, batch_size, max_examples,
@@ -77,16 +82,23 @@ class Loaded:
       host-side, answers their prompts and scores them (``metrics: {set: {metric: [G]}}``
       such as ``rougeL`` and ``exact_match``; ``samples``: a few prompt / reference /
       generation rows per task), :func:`hetlora.models.generation.make_evaluator`.
+    choice_eval: ``choice_eval(sets, *, batch_size, max_examples, samples_per_task) -> evaluate``
+      for models that score multiple-choice data by the options' log-likelihood (``None`` for
+      the others): ``sets: {name: PromptDataset with choices}``, and ``evaluate(base, adapters
+      [G, ...]) -> (metrics, samples)`` as for ``generation_eval``, with the metrics
+      ``accuracy``, ``accuracy_norm`` (means over tasks) and ``accuracy/<task>``,
+      ``accuracy_norm/<task>``, :func:`hetlora.models.multiple_choice.make_evaluator`.
   """
   base_params: Any
   loss_fn: Callable[[Any, Any, Batch], jax.Array]
   logits_fn: Callable[[Any, Any, Batch], jax.Array] | None
   eval_sums: Callable[[Any, Any, Batch], dict[str, tuple[jax.Array, jax.Array]]]
   prepare: Callable[..., dict[str, np.ndarray]]
-  tokenizer: tokenizers.Tokenizer
+  tokenizer: tokenizers.Tokenizer | None
   model: nn.Module
   config: Any
   generation_eval: Callable[..., Callable[[Any, Any], tuple[dict, list]]] | None = None
+  choice_eval: Callable[..., Callable[[Any, Any], tuple[dict, list]]] | None = None
 
 
 def get(kind: str) -> ModuleType:
@@ -132,10 +144,10 @@ def max_len_of(model_config, limit: int | None = None, minimum: int = 1) -> int:
 
 
 def example_mask(batch: Batch) -> jax.Array:
-  """``float32[B]``: ``batch['mask']``, or ones when the batch has no mask."""
+  """``float32[B]``: ``batch['mask']``, or ones when the batch has no mask (``B`` from any column)."""
   if "mask" in batch:
     return batch["mask"].astype(jnp.float32)
-  return jnp.ones(batch["input_ids"].shape[:1], jnp.float32)
+  return jnp.ones(jax.tree.leaves(batch)[0].shape[:1], jnp.float32)
 
 
 def check_dataset(dataset, expected: type, kind: str, task: str) -> None:

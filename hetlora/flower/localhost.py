@@ -1,0 +1,128 @@
+"""A Flower deployment on this machine: a SuperLink and SuperNodes as separate processes.
+
+The deployment engine as a site would run it, on localhost and without TLS
+(``--insecure``): :func:`federation` starts ``flower-superlink`` and one
+``flower-supernode`` per node config (each its own clients and XLA cache),
+:func:`run_app` submits the Flower App ``launch/flower`` with ``flwr run``
+and waits for it to finish. Every process logs to ``<root>/logs/``; Flower's
+own state (installed apps, the CLI's connection) lives in ``<root>/flwr``.
+
+Command (3 sites, the tweets smoke run)::
+
+    python -m hetlora.flower.localhost --root /tmp/fed --nodes 3 \\
+        --config configs/tweets_hetlora.py:runlocal --workdir /tmp/fed/workdir
+
+Example::
+
+    with federation(Path('/tmp/fed'), [{'partition-id': 0}, {'partition-id': 1}]) as fed:
+      run_app(fed, {'config': 'configs/tweets_hetlora.py:runlocal', 'workdir': '/tmp/fed/w', 'min-nodes': 2})
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import tomli_w
+
+APP = Path(__file__).resolve().parents[2] / "launch" / "flower"
+
+
+@dataclasses.dataclass
+class Federation:
+  """The running processes: ``superlink``, ``nodes`` (one per node config), their environment."""
+  root: Path
+  env: dict[str, str]
+  superlink: subprocess.Popen
+  nodes: list[subprocess.Popen]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _node_config(config: Mapping[str, Any]) -> str:
+  """``--node-config`` text: ``key=value`` pairs, strings quoted."""
+  return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
+
+
+@contextlib.contextmanager
+def federation(root: Path, node_configs: Sequence[Mapping[str, Any]]) -> Iterator[Federation]:
+  """Starts a SuperLink and one SuperNode per node config; stops them all on exit."""
+  root = Path(root)
+  (root / "logs").mkdir(parents=True, exist_ok=True)
+  (root / "flwr").mkdir(exist_ok=True)
+  port = free_port()
+  (root / "flwr" / "config.toml").write_text(tomli_w.dumps(
+      {"superlink": {"default": "localhost", "localhost": {"address": f"127.0.0.1:{port}", "insecure": True}}}))
+  env = {**os.environ, "FLWR_HOME": str(root / "flwr"),
+         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+  def start(log: str, *args: str) -> subprocess.Popen:
+    with open(root / "logs" / log, "w") as out:
+      return subprocess.Popen(list(args), env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+
+  superlink = start("superlink.log", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                    "--port", str(port))
+  nodes: list[subprocess.Popen] = []
+  try:
+    for k, config in enumerate(node_configs):
+      nodes.append(start(f"supernode{k}.log", "flower-supernode", "--insecure", "--superlink",
+                         f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config", _node_config(config)))
+    yield Federation(root, env, superlink, nodes)
+  finally:
+    for p in [*nodes, superlink]:
+      if p.poll() is None:
+        p.terminate()
+    for p in [*nodes, superlink]:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def run_app(fed: Federation, run_config: Mapping[str, Any], timeout: float = 3600.0) -> None:
+  """``flwr run launch/flower localhost`` with ``run_config`` (written as TOML); waits for the run to end.
+
+  Raises:
+    subprocess.CalledProcessError: the run failed (``<root>/logs/flwr_run.log`` has its output).
+  """
+  path = fed.root / "run_config.toml"
+  path.write_text(tomli_w.dumps(dict(run_config)))
+  with open(fed.root / "logs" / "flwr_run.log", "w") as out:
+    subprocess.run(["flwr", "run", str(APP), "localhost", "--stream", "--run-config", str(path)],
+                   env=fed.env, cwd=fed.root, check=True, timeout=timeout, stdout=out, stderr=subprocess.STDOUT)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--root", required=True, help="folder for logs and Flower's state")
+  parser.add_argument("--nodes", type=int, default=2, help="SuperNodes (node k holds clients k, k + nodes, ...)")
+  parser.add_argument("--clients", type=int, default=0, help="clients to spread (default: one per node)")
+  parser.add_argument("--config", required=True, help="experiment config, path[:arg]")
+  parser.add_argument("--overrides", default="", help="'server.rounds=3 ...' config fields")
+  parser.add_argument("--workdir", required=True)
+  args = parser.parse_args(argv)
+  root = Path(args.root).resolve()
+  clients = args.clients or args.nodes
+  nodes = [{"client-ids": ",".join(str(c) for c in range(k, clients, args.nodes)),
+            "xla-cache": str(root / "xla")} for k in range(args.nodes)]
+  t0 = time.perf_counter()
+  with federation(root, nodes) as fed:
+    run_app(fed, {"config": args.config, "overrides": args.overrides, "workdir": str(Path(args.workdir).resolve()),
+                  "min-nodes": args.nodes})
+  print(f"done in {time.perf_counter() - t0:.1f} s; metrics in {args.workdir}/metrics.jsonl, logs in {root}/logs")
+
+
+if __name__ == "__main__":
+  main()

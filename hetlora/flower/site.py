@@ -1,0 +1,110 @@
+"""A client site: its own model copy and data partition, one client's local training per message.
+
+The server sends the run's config (JSON) with every training message; the
+site builds the experiment from it (:func:`hetlora.experiment.build`: the
+model, the tokenized data, the partition, the method's local rule) with its
+own settings from the SuperNode's ``--node-config``:
+
+- ``partition-id`` (int) or ``client-ids`` (``'0,5,10'``): the clients whose
+  partitions this site holds and trains;
+- ``model-dir`` (optional): the site's copy of the model (``config.model.name``);
+- ``xla-cache`` (optional): a folder for compiled programs, so a new
+  ``ClientApp`` process (one per message) reuses the compiled local training.
+
+One round for client ``k`` at rank ``r_k`` (:func:`train`)::
+
+    start  = pad(received slots, r_max)                  a: [d_in, r_max]
+    base   = W0 with the received dense trainables (and changed kernels)
+    data   = cohort_data(exp, [k], round)                [1, steps, B, ...]
+    result = local_train(spec, base, start, r_k, data)   (the sequential backend, hetlora.client)
+
+the same function, data and numbers as the in-process simulation. Nothing of
+the site's data leaves it; the reply holds the trained slots at the new rank,
+the dense trainables, and the numbers (:mod:`hetlora.flower.wire`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from hetlora import client as client_lib
+from hetlora import dense as dense_lib
+from hetlora import experiment as experiment_lib
+from hetlora import lora as lora_lib
+
+
+def client_ids(node_config: Mapping[str, Any]) -> list[int]:
+  """The client ids a SuperNode holds: ``client-ids`` (``'0,5'``) or ``partition-id`` (one id).
+
+  Raises:
+    ValueError: neither is set, or ``client-ids`` is not a comma-separated list of ints.
+  """
+  if "client-ids" in node_config:
+    text = str(node_config["client-ids"])
+    try:
+      return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+      raise ValueError(f"node config client-ids={text!r} must be comma-separated ints, e.g. "
+                       "'0,5,10'.") from None
+  if "partition-id" in node_config:
+    return [int(node_config["partition-id"])]
+  raise ValueError("the SuperNode holds no client: start it with --node-config 'partition-id=<k>' "
+                   "(or 'client-ids=\"<k1>,<k2>\"').")
+
+
+def site_config(config_json: str, node_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The run's config as the server sent it, with the site's ``model-dir`` if set."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  if node_config.get("model-dir"):
+    config.model.name = str(node_config["model-dir"])
+  return config
+
+
+def use_xla_cache(node_config: Mapping[str, Any]) -> None:
+  """Compiled programs persist in ``xla-cache`` (unless ``JAX_COMPILATION_CACHE_DIR`` is set)."""
+  folder = node_config.get("xla-cache")
+  if folder and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@functools.lru_cache(maxsize=2)
+def build(config_json: str, model_dir: str) -> tuple[experiment_lib.Experiment, Any]:
+  """``(experiment, train_one)`` for a config; cached, so a process that serves many messages
+  (Flower's simulation engine) builds and compiles once."""
+  exp = experiment_lib.build(site_config(config_json, {"model-dir": model_dir}))
+  return exp, client_lib.make_backend("sequential", exp.spec)
+
+
+def train(exp: experiment_lib.Experiment, train_one, client: int, round_index: int, rank: int,
+          start: lora_lib.LoRA, dense: Any, kernels: Any) -> tuple[client_lib.ClientResult, float]:
+  """Client ``client``'s local training of round ``round_index``; ``(result, num_examples)``.
+
+  Args:
+    exp: the site's experiment (:func:`build`).
+    train_one: the sequential backend of ``exp.spec`` (:func:`hetlora.client.sequential_backend`:
+      the in-process per-client program; a non-finite loss raises, naming the client).
+    client: the client id; its partition must be one of ``exp.partition``.
+    round_index: the 0-based round (seeds the client's data order).
+    rank: the client's rank ``r_k``.
+    start: its starting tree padded to ``r_max``.
+    dense: the global dense trainables (``{}``: none).
+    kernels: adapted kernels the method changed (FLoRA's merged base; ``{}``: none).
+
+  Raises:
+    ValueError: naming the client id when the config has no such client.
+  """
+  if not 0 <= client < len(exp.partition):
+    raise ValueError(f"client id {client} is outside data.num_clients={len(exp.partition)}; check the "
+                     "SuperNode's --node-config partition-id / client-ids.")
+  data, n = experiment_lib.cohort_data(exp, np.asarray([client], np.int32), round_index)
+  base = dense_lib.overlay(dense_lib.overlay(exp.base_params, kernels), dense)
+  stacked = train_one(base, jax.tree.map(lambda x: x[None], start), np.asarray([rank], np.int32), data)
+  return jax.tree.map(lambda x: x[0], jax.device_get(stacked)), float(n[0])

