@@ -194,8 +194,8 @@ def test_text_dataset_validates_and_selects():
 
 
 def test_get_source_unknown_lists_names():
-  with pytest.raises(ValueError, match=r"unknown data source 'mnist'.*'banking77'.*'tweets'"):
-    data.get_source("mnist")
+  with pytest.raises(ValueError, match=r"unknown data source 'cifar100'.*'banking77'.*'tweets'"):
+    data.get_source("cifar100")
 
 
 def test_tfds_not_prepared_gives_clear_error(tmp_path):
