@@ -24,14 +24,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from hetlora.data.sources import TextDataset
 from hetlora.data.tokenize import tokenize_dataset
 from hetlora.models import bert, bert_loading, tasks, tokenizer as tokenizer_lib
-from hetlora.models.provider import (Loaded, check_dataset, compute_dtype, example_mask,
-                                     max_len_of, model_errors)
+from hetlora.models.provider import (Loaded, check_dataset, compute_dtype,
+                                     max_len_of, model_errors, num_classes_of, pooling_of)
 
 KIND = "bert_classifier"
 TASK = "classification"
@@ -41,32 +39,16 @@ DEFAULT_PATTERN = r"attention/(query|value)/kernel$"
 HEAD_PATTERN = r"^classifier/(kernel|bias)$"
 
 
-def eval_sums_fn(logits_fn):
-  """``eval_sums(base, lora_eff, batch)``: masked sums of correctness and cross-entropy."""
-  def eval_sums(base, lora_eff, batch):
-    logits = logits_fn(base, lora_eff, batch)
-    m = example_mask(batch)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = tasks.accuracy(logits, batch["label"])
-    return {"accuracy": (jnp.sum(correct * m), jnp.sum(m)), "loss": (jnp.sum(nll * m), jnp.sum(m))}
-  return eval_sums
-
-
 def load(model_config, *, num_labels: int | None, key: jax.Array) -> Loaded:
   """Loads the encoder and tokenizer, adds a random ``num_labels``-way head from ``key``.
 
   Raises:
     ValueError / FileNotFoundError: naming the ``model.*`` field at fault.
   """
-  if num_labels is None or int(num_labels) < 2:
-    raise ValueError(f"model.kind={KIND!r} needs num_labels >= 2 (the data source's classes), "
-                     f"got {num_labels!r}; use a classification data.source.")
-  num_labels = int(num_labels)
+  num_labels = num_classes_of(num_labels, KIND)
   name = model_config.get("name") or DEFAULT_NAME
   dtype = compute_dtype(model_config)
-  pooling = model_config.get("pooling", "mean")
-  if pooling not in bert.POOLINGS:
-    raise ValueError(f"model.pooling={pooling!r} must be one of {bert.POOLINGS}.")
+  pooling = pooling_of(model_config, bert.POOLINGS)
   max_len_of(model_config)  # fail before loading; the position limit is checked after
   with model_errors(name, KIND):
     config, encoder = bert_loading.load_bert(name)
@@ -86,6 +68,6 @@ def load(model_config, *, num_labels: int | None, key: jax.Array) -> Loaded:
     return tokenize_dataset(dataset, encode_fn, n, pad_id=pad_id)
 
   return Loaded(base_params=base, loss_fn=tasks.classification_loss(model), logits_fn=logits_fn,
-                eval_sums=eval_sums_fn(logits_fn), prepare=prepare, tokenizer=tok, model=model,
+                eval_sums=tasks.classification_eval_sums(logits_fn), prepare=prepare, tokenizer=tok, model=model,
                 config=config)
 

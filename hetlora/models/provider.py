@@ -143,6 +143,22 @@ def max_len_of(model_config, limit: int | None = None, minimum: int = 1) -> int:
   return int(max_len)
 
 
+def num_classes_of(num_labels: int | None, kind: str) -> int:
+  """``num_labels`` (the data source's classes) checked to be ``>= 2`` for classifier ``kind``."""
+  if num_labels is None or int(num_labels) < 2:
+    raise ValueError(f"model.kind={kind!r} needs num_labels >= 2 (the data source's classes), "
+                     f"got {num_labels!r}; use a classification data.source.")
+  return int(num_labels)
+
+
+def pooling_of(model_config, choices: tuple[str, ...]) -> str:
+  """``model.pooling`` (default ``'mean'``) checked to be one of ``choices``."""
+  pooling = model_config.get("pooling", "mean")
+  if pooling not in choices:
+    raise ValueError(f"model.pooling={pooling!r} must be one of {choices}.")
+  return pooling
+
+
 def example_mask(batch: Batch) -> jax.Array:
   """``float32[B]``: ``batch['mask']``, or ones when the batch has no mask (``B`` from any column)."""
   if "mask" in batch:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from hetlora.models import segments
+from hetlora.models.provider import example_mask
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Any, Any, Batch], jax.Array]
@@ -66,3 +67,14 @@ def classification_loss(model: nn.Module) -> LossFn:
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example correctness ``float32[B]`` of ``argmax(logits) == labels``."""
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+def classification_eval_sums(logits_fn: LossFn):
+  """``eval_sums(base, lora_eff, batch)``: masked sums of correctness and cross-entropy of ``logits_fn``."""
+  def eval_sums(base, lora_eff, batch):
+    logits = logits_fn(base, lora_eff, batch)
+    m = example_mask(batch)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = accuracy(logits, batch["label"])
+    return {"accuracy": (jnp.sum(correct * m), jnp.sum(m)), "loss": (jnp.sum(nll * m), jnp.sum(m))}
+  return eval_sums

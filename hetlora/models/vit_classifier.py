@@ -34,9 +34,9 @@ import numpy as np
 import optax
 
 from hetlora.data.images import ImageDataset
-from hetlora.models import vit, vit_loading
-from hetlora.models.bert_classifier import eval_sums_fn
-from hetlora.models.provider import Loaded, check_dataset, compute_dtype, model_errors
+from hetlora.models import tasks, vit, vit_loading
+from hetlora.models.provider import (Loaded, check_dataset, compute_dtype, model_errors, num_classes_of,
+                                     pooling_of)
 
 KIND = "vit_classifier"
 TASK = "classification"
@@ -62,21 +62,17 @@ def load(model_config, *, num_labels: int | None, key: jax.Array) -> Loaded:
   Raises:
     ValueError / FileNotFoundError: naming the ``model.*`` field at fault.
   """
-  if num_labels is None or int(num_labels) < 2:
-    raise ValueError(f"model.kind={KIND!r} needs num_labels >= 2 (the data source's classes), "
-                     f"got {num_labels!r}; use a classification data.source.")
+  num_labels = num_classes_of(num_labels, KIND)
   name = model_config.get("name") or DEFAULT_NAME
   dtype = compute_dtype(model_config)
-  pooling = model_config.get("pooling", "mean")
-  if pooling not in vit.POOLINGS:
-    raise ValueError(f"model.pooling={pooling!r} must be one of {vit.POOLINGS}.")
+  pooling = pooling_of(model_config, vit.POOLINGS)
   with model_errors(name, KIND):
     config, backbone = vit_loading.load_vit(name)
   grid = image_size_of(model_config, config.patch_size) // config.patch_size
   backbone["embeddings"]["position"] = vit.resize_positions(backbone["embeddings"]["position"], grid)
   config = dataclasses.replace(config, grid=grid)
-  model = vit.ViTClassifier(config, int(num_labels), pooling=pooling, dtype=dtype)
-  base = jax.tree.map(jnp.asarray, {**backbone, **vit.init_head(key, config, int(num_labels))})
+  model = vit.ViTClassifier(config, num_labels, pooling=pooling, dtype=dtype)
+  base = jax.tree.map(jnp.asarray, {**backbone, **vit.init_head(key, config, num_labels)})
 
   def logits_fn(base_params, lora_eff, batch):
     variables = {"params": base_params, "lora": lora_eff if lora_eff is not None else {}}
@@ -91,5 +87,5 @@ def load(model_config, *, num_labels: int | None, key: jax.Array) -> Loaded:
     check_dataset(dataset, ImageDataset, KIND, TASK)
     return {"pixels": dataset.images, "label": dataset.labels}
 
-  return Loaded(base_params=base, loss_fn=loss_fn, logits_fn=logits_fn, eval_sums=eval_sums_fn(logits_fn),
+  return Loaded(base_params=base, loss_fn=loss_fn, logits_fn=logits_fn, eval_sums=tasks.classification_eval_sums(logits_fn),
                 prepare=prepare, tokenizer=None, model=model, config=config)
