@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: timing, memory, machine facts, Markdown + JSON output.
 
 Benchmarks are scripts, never timed unit tests. Each writes
-``benchmarks/results/<name>.json`` and ``<name>.md`` and prints the table.
+``benchmarks/results/<name>.json`` and ``<name>.md`` and prints the table;
+the JSON records the command line and the date (UTC), and ``write`` then
+rebuilds ``docs/results.md`` (``benchmarks/results_page.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -79,14 +82,48 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
   return "\n".join(lines)
 
 
+def command_line(argv: Sequence[str] | None = None) -> str | None:
+  """This process's command as a reader would type it in the repository root
+  (``python benchmarks/<script>.py <args>``); None when not run as a script."""
+  argv = list(sys.argv if argv is None else argv)
+  if not argv or not argv[0] or argv[0] == "-c" or not Path(argv[0]).is_file():
+    return None
+  script = Path(argv[0]).resolve()
+  try:
+    script = script.relative_to(ROOT)
+  except ValueError:
+    pass
+  return shlex.join(["python", script.as_posix(), *argv[1:]])
+
+
+def utc_date() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
+def refresh_results_page() -> None:
+  """Rebuilds ``docs/results.md`` from everything under ``benchmarks/results/``."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("results_page", Path(__file__).with_name("results_page.py"))
+  module = sys.modules.setdefault("results_page", importlib.util.module_from_spec(spec))
+  spec.loader.exec_module(module)
+  module.refresh()
+
+
 def write(name: str, payload: dict[str, Any], table: str, notes: str = "") -> Path:
-  """Writes ``results/<name>.json`` and ``results/<name>.md``; prints the table."""
+  """Writes ``results/<name>.json`` and ``results/<name>.md``, prints the table, rebuilds docs/results.md.
+
+  The JSON gets ``command`` (this process's command line, unless ``payload`` names one) and
+  ``date`` (UTC) besides the load average and the machine.
+  """
   RESULTS.mkdir(parents=True, exist_ok=True)
-  payload = {**payload, "loadavg_at_end": loadavg(), "machine": machine()}
+  command = payload.get("command") or command_line()
+  payload = {**({"command": command} if command else {}), "date": utc_date(), **payload,
+             "loadavg_at_end": loadavg(), "machine": machine()}
   path = RESULTS / f"{name}.json"
   path.write_text(json.dumps(payload, indent=1) + "\n")
   md = f"# {name}\n\n{notes}\n\n{table}\n\nload average at end: {payload['loadavg_at_end']}\n"
   (RESULTS / f"{name}.md").write_text(md)
   print(table)
   print(f"load average {payload['loadavg_at_end']}; wrote {path}")
+  refresh_results_page()
   return path

@@ -25,7 +25,7 @@ Commands:
   # smoke test
   python launch/train.py --config configs/banking77.py:runlocal --workdir /tmp/b77
 Data: ../shared/data/banking77 (train.csv/test.csv); ``data_dir=...`` to override.
-Measured results: README, "BANKING77".
+Measured results: docs/results.md (written by launch/compare.py and benchmarks/results_page.py).
 """
 
 import common

@@ -130,14 +130,19 @@ def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | f
 
 
 def compare(configs: Mapping[str, ml_collections.ConfigDict], out_dir: str | Path,
-            progress: bool = True) -> list[dict[str, Any]]:
-  """Runs every config in ``out_dir/<name>``; writes (process 0) and returns the table rows."""
+            progress: bool = True, record: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+  """Runs every config in ``out_dir/<name>``; writes (process 0) and returns the table rows.
+
+  ``record``: provenance to keep at the top of ``results.json`` (``launch/compare.py`` passes
+  the command line, the date and the machine).
+  """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   summaries = {name: trainer.run(cfg, out_dir / name, progress=progress) for name, cfg in configs.items()}
   rows = [row(name, s) for name, s in summaries.items()]
   if jax.process_index() == 0:
-    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "summaries": summaries}, indent=2))
+    (out_dir / "results.json").write_text(
+        json.dumps({**dict(record or {}), "rows": rows, "summaries": summaries}, indent=2))
     tables = markdown(rows) + ("\n" + task_markdown(rows) if any(r["by_task"] for r in rows) else "")
     (out_dir / "results.md").write_text(tables)
     _plot(summaries, out_dir / "accuracy.png")

@@ -17,9 +17,17 @@ file's ``get_config`` runs again with ``method=<m>,alpha=<a>`` added to
 Every run shares the config's seed, clients, ranks and budget; only
 ``method`` (and ``alpha``) change. Writes ``results.md``, ``results.json``
 and ``accuracy.png`` under ``--out``; finished runs are resumed, not redone.
+``results.json`` records this command line, the date (UTC) and the machine.
+With ``--out`` under ``benchmarks/results/`` the results page
+(``docs/results.md``) is rebuilt afterwards (``benchmarks/results_page.py``).
 """
 
+import datetime
+import importlib.util
 import json
+import os
+import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,6 +51,36 @@ _OUT = flags.DEFINE_string("out", "results/compare", "Output directory.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs' configs as JSON and train nothing.")
 
 
+def provenance() -> dict:
+  """This run's command line (from the repository root), UTC date and machine, for results.json."""
+  import jax
+  script = Path(sys.argv[0]).resolve()
+  try:
+    script = script.relative_to(REPO)
+  except ValueError:
+    pass
+  return {
+      "command": shlex.join(["python", script.as_posix(), *sys.argv[1:]]),
+      "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                  "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
+                  "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+  }
+
+
+def refresh_results_page(out: Path) -> None:
+  """Rebuilds docs/results.md when ``out`` is under benchmarks/results/ (the page shows only those)."""
+  results = REPO / "benchmarks" / "results"
+  if not out.resolve().is_relative_to(results.resolve()):
+    print(f"to show these results on docs/results.md, put {out} under {results} and run "
+          "python benchmarks/results_page.py")
+    return
+  spec = importlib.util.spec_from_file_location("results_page", REPO / "benchmarks" / "results_page.py")
+  module = sys.modules.setdefault("results_page", importlib.util.module_from_spec(spec))
+  spec.loader.exec_module(module)
+  module.refresh()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.<field>=<value>.")
@@ -54,8 +92,11 @@ def main(argv):
     print(json.dumps({name: c.to_dict() for name, c in configs.items()}, indent=2, default=str))
     return
   parallel.maybe_initialize_distributed()
-  rows = compare.compare(configs, _OUT.value)
+  rows = compare.compare(configs, _OUT.value, record=provenance())
   print(compare.markdown(rows))
+  import jax
+  if jax.process_index() == 0:
+    refresh_results_page(Path(_OUT.value))
 
 
 if __name__ == "__main__":

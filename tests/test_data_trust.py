@@ -259,7 +259,8 @@ def test_readme_bring_your_own_data_command_runs(tmp_path, tiny_model_dirs):
   argv = [sys.executable, str(ROOT / "launch" / "train.py")] + [
       a.replace("=train.csv", f"={train}").replace("=test.csv", f"={test}") for a in argv[2:]]
   argv[argv.index("--workdir") + 1] = str(tmp_path / "w")
-  tiny = [f"--config.model.name={tiny_model_dirs['bert_classifier']}", "--config.model.max_len=16",
+  # the sizes of test_classify_config_runs_one_round: its compiled programs come from the run-wide cache
+  tiny = [f"--config.model.name={tiny_model_dirs['bert_classifier']}", "--config.model.max_len=8",
           "--config.server.rounds=1", "--config.client.local_steps=1", "--config.data.num_clients=2",
           "--config.server.clients_per_round=2", "--config.eval.batch_size=16"]
   out = subprocess.run(argv + tiny, capture_output=True, text=True, timeout=900, cwd=ROOT)

@@ -2,7 +2,8 @@
 
 XLA creates the devices only if ``--xla_force_host_platform_device_count=8``
 is set before JAX starts, so the sharded tests of ``test_parallel.py`` and
-``test_methods_conformance.py`` run here, in a child pytest, once.
+``test_methods_conformance.py`` run here, in a child pytest, once. A heavy check (about 2
+minutes on 2 cores): it runs with ``HETLORA_FULL_TESTS=1`` (CI's second command).
 """
 
 import os
@@ -10,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import single_device
+from conftest import full_tests_only, single_device
 
 FILES = ["test_parallel.py", "test_methods_conformance.py"]
 
 
+@full_tests_only
 @single_device
 def test_eight_device_suite():
   flags = "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")

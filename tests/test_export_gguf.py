@@ -135,15 +135,23 @@ def test_qwen2_base_is_not_permuted(base_dir, tmp_path):
   np.testing.assert_array_equal(tensors["blk.0.attn_q.weight.lora_b"].data, mod["b"][:1].T)
 
 
-def test_gguf_base_model(tmp_path):
-  base = tmp_path / "base.gguf"
-  w = gguf.GGUFWriter(base, "llama")
+def write_gguf_base(path, tied: bool):
+  """A GGUF with the metadata export reads; ``output.weight`` (the untied head) unless ``tied``."""
+  w = gguf.GGUFWriter(path, "llama")
   w.add_block_count(LAYERS)
   w.add_head_count(HEADS)
   w.add_head_count_kv(KV_HEADS)
   w.add_tensor("token_embd.weight", np.zeros((VOCAB, HIDDEN), np.float32))
+  if not tied:
+    w.add_tensor("output.weight", np.zeros((VOCAB, HIDDEN), np.float32))
   w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-  assert gguf_export.base_facts(base) == gguf_export.BaseFacts("llama", LAYERS, HEADS, KV_HEADS)
+  return path
+
+
+def test_gguf_base_model(tmp_path):
+  base = write_gguf_base(tmp_path / "base.gguf", tied=False)
+  facts = gguf_export.BaseFacts("llama", LAYERS, HEADS, KV_HEADS, tied_head=False)
+  assert gguf_export.base_facts(base) == facts
   adapter = make_adapter(base)
   _, _, tensors = read(gguf_export.export(adapter, tmp_path / "out")[0])
   b_t = adapter.modules["layers_1/attn/k_proj"]["b"][:adapter.ranks["layers_1/attn/k_proj"]].T
@@ -183,3 +191,36 @@ def test_refusals(base_dir, tmp_path, change, match):
   with pytest.raises(ValueError, match=match):
     gguf_export.export(bad, tmp_path)
   assert not list(tmp_path.iterdir())
+
+
+def test_untied_head_is_output_weight_unpermuted(base_dir, tmp_path):
+  # llama.cpp adapts the untied head through build_lora_mm(model.output, ...): lora_a [r, D], lora_b [V, r].
+  adapter = make_adapter(base_dir)
+  assert gguf_export.base_facts(base_dir).tied_head is False
+  _, _, tensors = read(gguf_export.export(adapter, tmp_path)[0])
+  r, s, mod = adapter.ranks["lm_head"], adapter.scales["lm_head"], adapter.modules["lm_head"]
+  ta, tb = tensors["output.weight.lora_a"], tensors["output.weight.lora_b"]
+  assert [int(d) for d in ta.shape] == [HIDDEN, r] and [int(d) for d in tb.shape] == [r, VOCAB]
+  np.testing.assert_array_equal(tb.data, mod["b"][:r].T)
+  np.testing.assert_allclose(ALPHA / r * np.asarray(tb.data, np.float64) @ ta.data,
+                             s * (mod["a"][:, :r].astype(np.float64) @ mod["b"][:r]).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["gguf", "hf"])
+def test_tied_head_base_refuses_lm_head(tmp_path, source, base_dir):
+  if source == "gguf":
+    base = write_gguf_base(tmp_path / "tied.gguf", tied=True)
+  else:
+    base = tmp_path / "tied_hf"
+    base.mkdir()
+    hf = json.loads((base_dir / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**hf, "tie_word_embeddings": True}))
+  assert gguf_export.base_facts(base).tied_head is True
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="module 'lm_head': the base model ties its LM head.*no output.weight"):
+    gguf_export.export(make_adapter(base), out)
+  assert not out.exists()
+  adapter = make_adapter(base)
+  body = {p: v for p, v in adapter.modules.items() if p != "lm_head"}
+  paths = gguf_export.export(dataclasses.replace(adapter, modules=body), out)   # the rest exports as before
+  assert not any(t.startswith("output.") for t in read(paths[0])[2])

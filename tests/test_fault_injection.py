@@ -7,7 +7,9 @@ random round ends; a save takes most of a round, so most land in one) and
 once from inside a checkpoint save (a timer started by the save of a random
 round), resumed each time, then left to finish; its metrics must equal
 those of an uninterrupted run. The children share a persistent XLA cache,
-so only the first compiles.
+so only the first compiles. A heavy check (five processes): it runs with
+``HETLORA_FULL_TESTS=1``; the README test command keeps the in-process
+resume tests of ``test_trainer.py``.
 """
 
 import importlib.util
@@ -20,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import full_tests_only
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +87,7 @@ def _max_difference(a, b):
   return abs(a - b) if isinstance(a, (int, float)) else float(a != b)
 
 
+@full_tests_only
 def test_sigkilled_run_resumes_to_identical_metrics(tmp_path, tiny_model_dirs):
   model, rng = tiny_model_dirs["bert_classifier"], random.Random(0)
   workdir, children, kills, resumes = tmp_path / "killed", [], [], 0

@@ -38,19 +38,31 @@ tiny_fwd = jax.jit(lambda params, ids, mask=None: TINY_MODEL.apply({"params": pa
 
 @functools.lru_cache(maxsize=None)
 def tiny_params(seed=0):
-  """``(model, params)`` of :data:`TINY` with non-zero biases and norms."""
-  @jax.jit
-  def make(key):
-    params = TINY_MODEL.init(key, jnp.zeros((1, 4), jnp.int32))["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  return TINY_MODEL, make(jax.random.key(seed))
+  """``(model, params)`` of :data:`TINY` with non-zero biases and norms.
+
+  Numpy random weights on the shapes of ``init`` (``jax.eval_shape``): no
+  initialiser program to compile. Norm scales are ``1 + noise``, everything
+  else ``0.3 * noise`` (the scale of Flax's default init plus the old 0.1 noise).
+  """
+  shapes = jax.eval_shape(TINY_MODEL.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  rng = np.random.default_rng(seed)
+
+  def make(path, s):
+    noise = rng.standard_normal(s.shape).astype(np.float32)
+    base = 1.0 if path[-1].key == "scale" else 0.0
+    return jnp.asarray(base + (0.1 if base else 0.3) * noise, s.dtype)
+
+  return TINY_MODEL, jax.tree_util.tree_map_with_path(make, shapes)
+
+
+def tiny_ids(seed, shape):
+  """Random token ids ``int32[shape]`` of :data:`TINY`'s vocabulary (numpy: nothing to compile)."""
+  return jnp.asarray(np.random.default_rng(seed).integers(0, TINY.vocab_size, shape), jnp.int32)
 
 
 def test_param_paths_and_shapes():
-  model, params = tiny_params()
-  flat = traverse_util.flatten_dict(params, sep="/")
+  shapes = jax.eval_shape(TINY_MODEL.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  flat = traverse_util.flatten_dict(shapes, sep="/")
   assert flat["layers_0/attn/q_proj/kernel"].shape == (16, 16)
   assert flat["layers_0/attn/k_proj/kernel"].shape == (16, 8)
   assert flat["layers_0/attn/q_proj/bias"].shape == (16,)
@@ -63,7 +75,7 @@ def test_param_paths_and_shapes():
 
 def test_padding_left_and_right_match_unpadded():
   model, params = tiny_params()
-  ids = jax.random.randint(jax.random.key(2), (1, 5), 0, 50)
+  ids = tiny_ids(2, (1, 5))
   ref = tiny_fwd(params, ids)
   right = jnp.concatenate([ids, jnp.zeros((1, 3), jnp.int32)], 1)
   right_mask = jnp.array([[1] * 5 + [0] * 3])
@@ -102,21 +114,23 @@ def padded_pair(ids):
 
 def test_kv_cache_greedy_matches_full_forward():
   model, params = tiny_params()
-  ids = jax.random.randint(jax.random.key(3), (1, PROMPT_LEN), 0, 50)
+  ids = tiny_ids(3, (1, PROMPT_LEN))
   expected = naive_greedy(params, ids, NEW)
   batch, mask = padded_pair(ids)
-  out = llama.generate(model, params, None, batch, mask, jax.random.key(0), max_new_tokens=NEW)
+  # temperature passed (traced) as in the sampling calls below: one program for both.
+  out = llama.generate(model, params, None, batch, mask, jax.random.key(0), 0.0, max_new_tokens=NEW)
   assert out["tokens"].tolist() == [expected, expected]
   assert out["mask"].tolist() == [[1] * NEW] * 2
 
 
 def test_eos_stops_and_sampling():
   model, params = tiny_params()
-  ids = jax.random.randint(jax.random.key(3), (1, PROMPT_LEN), 0, 50)
+  ids = tiny_ids(3, (1, PROMPT_LEN))
   greedy = naive_greedy(params, ids, NEW)
   batch, mask = padded_pair(ids)
   eos = greedy[2]
-  out = llama.generate(model, params, None, batch, mask, jax.random.key(0), max_new_tokens=NEW, eos_id=eos)
+  out = llama.generate(model, params, None, batch, mask, jax.random.key(0), 0.0, max_new_tokens=NEW,
+                       eos_id=eos)
   first = greedy.index(eos)
   assert out["tokens"][0].tolist() == greedy[: first + 1] + [eos] * (NEW - 1 - first)
   assert out["mask"][0].tolist() == [1] * (first + 1) + [0] * (NEW - 1 - first)
@@ -129,18 +143,40 @@ def test_eos_stops_and_sampling():
   assert len({tuple(np.asarray(h[0])) for h in hot}) > 1
 
 
+def test_generate_prefill_holds_no_prompt_logits():
+  """The prefill applies the head to the last prompt position only: the compiled
+  :func:`llama.generate` has less temporary memory than one ``[B, P, V]`` float32
+  logits buffer (``V = 8192``, ``P = 128``: 8 MiB; the model and cache are ~0.1 MiB).
+  Compiled from shapes alone (``lower`` on ``ShapeDtypeStruct`` arguments)."""
+  cfg = llama.LlamaConfig(vocab_size=8192, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2,
+                          head_dim=4, ffn=24)
+  model = llama.Llama(cfg)
+  b, p = 2, 128
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  ids = jax.ShapeDtypeStruct((b, p), jnp.int32)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  compiled = llama.generate.lower(model, params, None, ids, ids, key, 0.0, max_new_tokens=2).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < b * p * cfg.vocab_size * 4 / 2, temp
+
+
 def test_lora_gradients_reach_only_active_slots():
   model, params = tiny_params()
   lora = lora_lib.init(jax.random.key(4), params, ALL_PROJ + r"|lm_head/kernel$", r_max=4)
   lora = lora_lib.map_modules(lambda m: {"a": m["a"], "b": m["b"] + 0.1}, lora)
   rank, s = jnp.int32(2), jnp.float32(2.0)
-  ids = jax.random.randint(jax.random.key(5), (2, 6), 0, 50)
+  ids = tiny_ids(5, (2, 6))
   batch = {"input_ids": ids, "attention_mask": jnp.array([[1] * 6, [1] * 4 + [0] * 2]),
            "loss_mask": jnp.ones((2, 6), jnp.float32)}
   loss_fn = lm_tasks.causal_lm_loss(model)
-  per_example = jax.jit(loss_fn)(params, lora_lib.fold_scale(lora, rank, s), batch)
+
+  def mean_and_per_example(l):
+    per = loss_fn(params, lora_lib.fold_scale(l, rank, s), batch)
+    return per.mean(), per
+
+  # One program: the gradient of the mean and, as its aux output, the per-example losses.
+  grads, per_example = jax.jit(jax.grad(mean_and_per_example, has_aux=True))(lora)
   assert per_example.shape == (2,) and per_example.dtype == jnp.float32
-  grads = jax.jit(jax.grad(lambda l: loss_fn(params, lora_lib.fold_scale(l, rank, s), batch).mean()))(lora)
   assert jax.tree.structure(grads) == jax.tree.structure(lora)
   assert set(lora_lib.modules(grads)) == set(lora_lib.modules(lora))
   assert len(lora_lib.modules(grads)) == 2 * 7 + 1
@@ -153,7 +189,7 @@ def test_lora_gradients_reach_only_active_slots():
 
 def test_loss_matches_manual_nll():
   model, params = tiny_params()
-  ids = jax.random.randint(jax.random.key(6), (2, 6), 0, 50)
+  ids = tiny_ids(6, (2, 6))
   am = jnp.array([[1] * 6, [1] * 4 + [0] * 2])
   lm = jnp.array([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]], jnp.float32)
   loss = jax.jit(lm_tasks.causal_lm_loss(model))(params, None, {"input_ids": ids, "attention_mask": am, "loss_mask": lm})
@@ -166,7 +202,7 @@ def test_loss_matches_manual_nll():
 
 def test_bf16_compute_runs_close():
   model, params = tiny_params()
-  ids = jax.random.randint(jax.random.key(7), (1, 6), 0, 50)
+  ids = tiny_ids(7, (1, 6))
   ref = tiny_fwd(params, ids)
   out = jax.jit(llama.Llama(TINY, dtype=jnp.bfloat16).apply)({"params": params}, ids)
   assert out.dtype == jnp.float32
@@ -396,17 +432,20 @@ def test_mean_loglik_matches_reference(smollm, prompt_batch, reference):
     assert abs(-per_example[b] - p["mean_loglik_per_token"]) < 1e-4, (p["name"], per_example[b])
 
 
-def test_zero_lora_equals_base_bitwise(smollm, prompt_batch):
+def test_zero_lora_equals_base_bitwise():
   """A fresh tree (b = 0) on every projection leaves the outputs bit-identical.
 
-  Run op by op: under jit, XLA may fuse the base matmuls differently once
-  LoRA matmuls sit beside them (differences ~1e-4 in the logits).
+  A structural property of :class:`hetlora.models.layers.LoRADense`, checked on
+  the tiny model (q/k/v biases, untied head) with left and right padding. Run
+  op by op: under jit, XLA may fuse the base matmuls differently once LoRA
+  matmuls sit beside them (differences ~1e-4 in the logits).
   """
-  model, params = smollm["model"], smollm["params"]
+  model, params = tiny_params()
   tree = lora_lib.init(jax.random.key(0), params, ALL_PROJ, r_max=4)
-  assert len(lora_lib.modules(tree)) == 7 * smollm["config"].n_layers
+  assert len(lora_lib.modules(tree)) == 7 * TINY.n_layers
   eff = lora_lib.fold_scale(tree, jnp.int32(3), lora_lib.scale(jnp.int32(3), 16.0, "alpha/r", 4))
-  ids, mask = prompt_batch["input_ids"][:2, :24], prompt_batch["attention_mask"][:2, :24]
+  ids = tiny_ids(8, (2, 12))
+  mask = jnp.array([[1] * 12, [1] * 9 + [0] * 3])
   with jax.disable_jit():
     base = np.asarray(model.apply({"params": params}, ids, mask))
     adapted = np.asarray(model.apply({"params": params, "lora": eff}, ids, mask))

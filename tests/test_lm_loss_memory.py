@@ -27,23 +27,32 @@ def config(tied: bool, vocab: int = 61, d: int = 16, layers: int = 1) -> llama.L
                            head_dim=d // 4, ffn=24, tie_embeddings=tied)
 
 
+def _numpy_like(tree, rng, std, shift=0.0):
+  """A tree of ``tree``'s shapes (arrays or ``ShapeDtypeStruct``) with ``shift + std * N(0, 1)`` numpy draws."""
+  return jax.tree.map(lambda s: jnp.asarray(shift + std * rng.standard_normal(s.shape), s.dtype), tree)
+
+
 @functools.lru_cache(maxsize=None)
 def setup(tied: bool, head_lora: bool):
-  """``(model, params, lora_eff, batch)``: random weights, a folded rank-3 LoRA, a padded batch."""
+  """``(model, params, lora_eff, batch)``: random weights, a folded rank-3 LoRA, a padded batch.
+
+  Weights are numpy draws on the shapes of ``init`` (``jax.eval_shape``), so
+  setting up compiles no initialiser: params ``init + 0.3 N(0, 1)`` (norm scales
+  ``1 + 0.3 N``), LoRA ``a`` of ``lora_lib.init``'s shapes ``~ 0.3 N``, ``b = 0.2 + 0.1 N``.
+  """
   model = llama.Llama(config(tied))
-
-  @jax.jit
-  def init(key):
-    params = model.init(key, jnp.zeros((1, 4), jnp.int32))["params"]
-    return jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape), params)
-
-  params = init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray((path[-1].key == "scale") + 0.3 * rng.standard_normal(s.shape), s.dtype),
+      shapes)
   pattern = PATTERN + (r"|lm_head/kernel$" if head_lora else "")
-  lora = lora_lib.init(jax.random.key(1), params, pattern, r_max=4)
-  lora = lora_lib.map_modules(lambda m: {"a": m["a"], "b": m["b"] + 0.2}, lora)
+  lora_shapes = jax.eval_shape(lambda p: lora_lib.init(jax.random.key(1), p, pattern, r_max=4), params)
+  lora = lora_lib.map_modules(lambda m: {"a": _numpy_like(m["a"], rng, 0.3),
+                                         "b": _numpy_like(m["b"], rng, 0.1, 0.2)}, lora_shapes)
   lora_eff = lora_lib.fold_scale(lora, jnp.int32(3), jnp.float32(2.0))
   b, l = 3, 14
-  ids = jax.random.randint(jax.random.key(2), (b, l), 0, model.config.vocab_size)
+  ids = jnp.asarray(rng.integers(0, model.config.vocab_size, (b, l)), jnp.int32)
   attention = np.ones((b, l), np.int32)
   attention[1, 9:] = 0        # right padding
   attention[2, :3] = 0        # left padding
@@ -75,20 +84,24 @@ def test_head_logits_is_the_modules_head(tied, head_lora):
   np.testing.assert_allclose(from_hidden, logits, atol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
-def loss_and_grads(tied: bool, head_lora: bool, chunk: int):
-  """``(per-example losses float32[B], grads of their sum w.r.t. the folded LoRA tree)``."""
+def loss_and_grads(tied: bool, head_lora: bool, chunks: tuple[int, ...]):
+  """Per chunk size: ``(per-example losses float32[B], grads of their sum w.r.t. the folded LoRA tree)``,
+  all chunk sizes in one jitted program (one compilation)."""
   model, params, lora_eff, batch = setup(tied, head_lora)
-  loss_fn = lm_tasks.causal_lm_loss(model, chunk)
-  grad_fn = jax.grad(lambda l: (loss_fn(params, l, batch).sum(), loss_fn(params, l, batch)), has_aux=True)
-  grads, per = jax.jit(grad_fn)(lora_eff)
-  return per, grads
+
+  def one(chunk, l):
+    loss_fn = lm_tasks.causal_lm_loss(model, chunk)
+    grads, per = jax.grad(lambda l: (loss_fn(params, l, batch).sum(), loss_fn(params, l, batch)),
+                          has_aux=True)(l)
+    return per, grads
+
+  return jax.jit(lambda l: [one(c, l) for c in chunks])(lora_eff)
 
 
 @pytest.mark.parametrize("tied,head_lora", CASES)
 def test_chunked_loss_and_grads_equal_full(tied, head_lora):
-  per_full, g_full = loss_and_grads(tied, head_lora, 0)
-  per, g = loss_and_grads(tied, head_lora, 5)   # 3 x 13 = 39 target tokens: 8 chunks of 5, the last padded
+  # 3 x 13 = 39 target tokens: 8 chunks of 5, the last padded
+  (per_full, g_full), (per, g) = loss_and_grads(tied, head_lora, (0, 5))
   assert per.shape == (3,) and per.dtype == jnp.float32
   np.testing.assert_allclose(per, per_full, rtol=1e-5, atol=1e-5)
   assert ("lm_head" in lora_lib.modules(g)) == head_lora
@@ -102,14 +115,18 @@ def test_chunked_loss_and_grads_equal_full(tied, head_lora):
 @pytest.mark.parametrize("tied,head_lora", CASES)
 def test_eval_sums_chunked_equal_full(tied, head_lora):
   model, params, lora_eff, batch = setup(tied, head_lora)
-  full = jax.jit(llama_lm.eval_sums_fn(model, 0))(params, lora_eff, batch)
-  chunked = jax.jit(llama_lm.eval_sums_fn(model, 5))(params, lora_eff, batch)
+
+  @jax.jit
+  def sums_and_argmax(params, lora_eff, batch):   # one program for the four computations
+    argmax = lambda c: lm_tasks.model_logprobs(model, params, lora_eff, batch, c, with_argmax=True)[1]
+    return (llama_lm.eval_sums_fn(model, 0)(params, lora_eff, batch),
+            llama_lm.eval_sums_fn(model, 5)(params, lora_eff, batch), argmax(5), argmax(0))
+
+  full, chunked, argmax_chunked, argmax_full = sums_and_argmax(params, lora_eff, batch)
   for key in ("loss", "token_accuracy"):
     np.testing.assert_allclose(chunked[key], full[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert float(full["loss"][1]) == 9 + 7         # answer tokens of the two real examples (third: mask 0)
-  argmax = jax.jit(lambda c: lm_tasks.model_logprobs(model, params, lora_eff, batch, c, with_argmax=True)[1],
-                   static_argnums=0)
-  np.testing.assert_array_equal(argmax(5), argmax(0))   # every position's prediction, not just the rare hits
+  np.testing.assert_array_equal(argmax_chunked, argmax_full)   # every position's prediction, not just the rare hits
 
 
 def test_chunked_logprobs_doctest_and_errors():
@@ -117,11 +134,31 @@ def test_chunked_logprobs_doctest_and_errors():
   assert result.failed == 0 and result.attempted >= 2
   with pytest.raises(ValueError, match="chunk"):
     lm_tasks.causal_lm_loss(llama.Llama(config(True)), -1)
-  with pytest.raises(ValueError, match="return_hidden"):
-    model = llama.Llama(config(True))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    model.apply(params, jnp.zeros((1, 2), jnp.int32), None, llama.init_cache(model.config, 1, 4),
-                return_hidden=True)
+  model, params, _, _ = setup(True, False)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  with pytest.raises(ValueError, match="segment_ids"):
+    model.apply({"params": params}, ids, None, llama.init_cache(model.config, 1, 4),
+                segment_ids=jnp.ones((1, 2), jnp.int32), positions=jnp.zeros((1, 2), jnp.int32))
+
+
+def test_return_hidden_with_cache():
+  """With a cache, ``return_hidden`` gives ``(h, new_cache)``: the cache of the logits call and
+  ``head_logits(h)`` equal to its logits."""
+  model, params, lora_eff, batch = setup(False, True)
+  var = llama.variables(params, lora_eff)
+  ids, mask = batch["input_ids"][:, :6], batch["attention_mask"][:, :6]
+
+  @jax.jit
+  def both(var):
+    cache = llama.init_cache(model.config, ids.shape[0], 8)
+    logits, c1 = model.apply(var, ids, mask, cache)
+    h, c2 = model.apply(var, ids, mask, cache, return_hidden=True)
+    return logits, c1, h, c2, llama.head_logits(model, params, lora_eff, h)
+
+  logits, c1, h, c2, from_hidden = both(var)
+  assert h.shape == ids.shape + (model.config.d_model,)
+  jax.tree.map(np.testing.assert_array_equal, c2, c1)
+  np.testing.assert_allclose(from_hidden, logits, atol=1e-5)
 
 
 def test_model_loss_chunk_config():

@@ -15,6 +15,7 @@ checks for every method.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ HEAD = r"^head/"   # the dense trainables: the classifier head, trained in full 
 
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # hashed by identity: a key of the caches below
 class Problem:
   method: methods.Method
   spec: client_lib.LocalSpec
@@ -80,6 +81,14 @@ def _run(name, ranks):
 
 
 def _problem(name: str, options=None, seed: int = 0) -> Problem:
+  """One :class:`Problem` per ``(name, options, seed)``, built once and shared by every test (its
+  arrays are never mutated), so the round functions below are traced and compiled once per method."""
+  return _built_problem(name, tuple(sorted((options or {}).items())), seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _built_problem(name: str, options: tuple, seed: int) -> Problem:
+  options = dict(options) or None
   model, base = _model()
   ranks = _ranks_for(name)
   method = methods.build(name, _run(name, ranks), options)
@@ -99,12 +108,31 @@ def _init(p: Problem) -> server.ServerState:
   return server.init(p.global_lora, p.ranks, p.method, dense=dense_lib.select(p.base, HEAD))
 
 
+_BACKENDS = {"vmap": lambda p: "vmap", "sequential": lambda p: "sequential",
+             "chunked3": lambda p: parallel.chunked_backend(p.spec, 3),
+             "sharded": lambda p: parallel.sharded_backend(p.spec, parallel.client_mesh())}
+
+
+@functools.lru_cache(maxsize=None)
+def _round_fn(p: Problem, backend: str = "vmap"):
+  """``server.make_round`` once per problem and backend: later calls with the same shapes reuse the
+  traced and compiled programs instead of re-tracing a fresh closure."""
+  return server.make_round(p.spec, p.method, _BACKENDS[backend](p))
+
+
 def _round(p: Problem, backend="vmap", state=None, n=None, data=None):
+  if state is None and n is None and data is None:
+    return _default_round(p, backend)
   state = _init(p) if state is None else state
   n = p.data["mask"].sum((1, 2)) if n is None else n
-  round_fn = server.make_round(p.spec, p.method, backend)
-  return round_fn(state, p.base, jnp.arange(K, dtype=jnp.int32), p.data if data is None else data, n,
-                  key=jax.random.key(7), public=p.public)
+  return _round_fn(p, backend)(state, p.base, jnp.arange(K, dtype=jnp.int32),
+                               p.data if data is None else data, n, key=jax.random.key(7), public=p.public)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_round(p: Problem, backend: str):
+  """The round from the initial state on the problem's own data (immutable results, shared)."""
+  return _round(p, backend, state=_init(p))
 
 
 def _close(got, want, tol=1e-5):
@@ -172,7 +200,9 @@ def test_consensus_is_a_fixed_point(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_one_compilation_across_rank_changes_and_deterministic(name):
   p = _problem(name)
-  round_fn = server.make_round(p.spec, p.method)
+  round_fn = _round_fn(p)   # shared with the other tests: their calls (same shapes) compiled nothing new
+  compiled_before = round_fn._cache_size()
+  assert compiled_before <= 1
   n = p.data["mask"].sum((1, 2))
   runs = []
   for _ in range(2):
@@ -182,7 +212,7 @@ def test_one_compilation_across_rank_changes_and_deterministic(name):
                                key=jax.random.key(r), public=p.public)
       state = state.replace(client_ranks=jnp.roll(state.client_ranks, 1))   # ranks move between clients
     runs.append((state, result))
-  assert round_fn._cache_size() == 1
+  assert round_fn._cache_size() == 1   # rank changes, keys and reruns: no recompilation
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), *runs)
   assert np.all(np.isfinite(np.asarray(runs[0][1].loss)))
 
@@ -193,7 +223,7 @@ def test_vmap_equals_sequential_and_chunked(name):
   p = _problem(name)
   want = _round(p, "vmap")
   _close(_round(p, "sequential"), want, tol=1e-6)
-  _close(_round(p, parallel.chunked_backend(p.spec, 3)), want, tol=1e-6)
+  _close(_round(p, "chunked3"), want, tol=1e-6)
 
 
 @single_device
@@ -231,4 +261,4 @@ def test_invalid_ranks_are_refused(name):
 def test_sharded_equals_vmap(name):
   assert jax.device_count() == 8
   p = _problem(name)
-  _close(_round(p, parallel.sharded_backend(p.spec, parallel.client_mesh())), _round(p, "vmap"), tol=1e-6)
+  _close(_round(p, "sharded"), _round(p, "vmap"), tol=1e-6)

@@ -27,4 +27,7 @@ def test_readme_library_examples_run(capsys):
 def test_ci_runs_the_readme_test_command():
   commands = re.findall(r"^bash launch/setup\.sh && (.*pytest.*)$", _section("Two commands"), re.M)
   assert len(commands) == 1
-  assert commands[0] in (ROOT / ".ci" / "run").read_text()
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert commands[0] in ci
+  full = re.findall(r"`(HETLORA_FULL_TESTS=1 [^`]*pytest[^`]*)`", _section("Two commands"))
+  assert len(full) == 1 and full[0] in ci   # the heavy checks the README command skips run in CI

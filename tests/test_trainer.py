@@ -142,10 +142,15 @@ def _launch(config: str, workdir, *flags):
 
 
 def test_launch_script_runs(tmp_path, tiny_model_dirs):
+  # _tiny's sizes: its compiled programs come from the run-wide XLA cache (conftest)
+  sizes = {k: v for k, v in _tiny("").to_dict().items() if k in ("data", "server", "client", "eval")}
+  flags = [f"--config.{section}.{field}={sizes[section][field]}" for section, field in
+           (("data", "max_train_examples"), ("data", "max_test_examples"), ("data", "num_clients"),
+            ("data", "min_client_size"), ("server", "clients_per_round"), ("client", "local_steps"),
+            ("client", "batch_size"), ("eval", "batch_size"))]
   out = _launch(str(ROOT / "configs" / "tweets_hetlora.py") + ":runlocal", tmp_path / "w",
                 f"--config.model.name={tiny_model_dirs['bert_classifier']}", "--config.server.rounds=1",
-                "--config.client.local_steps=1", "--config.data.max_test_examples=32",
-                "--config.model.max_len=16")
+                "--config.model.max_len=16", *flags)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "final test accuracy" in out.stdout
 

@@ -25,6 +25,13 @@ trained); ``'alpha/r_max'`` gives ``r_m / r_max``, ``'rslora'`` ``sqrt(r_m)``.
 ``P`` is llama.cpp's Q/K row order (:func:`hetlora.models.gguf_loading.permute_qk`,
 the converter's ``permute``) for ``attn_q`` / ``attn_k`` of a ``'llama'``
 base, the identity otherwise: our kernels are in Hugging Face order.
+
+An untied head's LoRA (module ``lm_head``) is written on ``output.weight``
+(``lora_a: [r_m, d_model]``, ``lora_b: [vocab, r_m]``); llama.cpp applies it
+through ``build_lora_mm(model.output, ...)`` like any projection
+(``benchmarks/llamacpp_roundtrip.py --model untied``). A tied base has no
+``output.weight``; llama.cpp would reject the whole file, so export refuses
+an ``lm_head`` module there.
 """
 
 from __future__ import annotations
@@ -56,11 +63,15 @@ class BaseFacts:
     n_layers: decoder layers.
     n_heads: query heads.
     n_kv_heads: key/value heads.
+    tied_head: the LM head is the token embedding (no ``output.weight`` in the GGUF,
+      ``tie_word_embeddings`` in a Hugging Face config): llama.cpp then has no weight
+      an ``lm_head`` LoRA could adapt.
   """
   arch: str
   n_layers: int
   n_heads: int
   n_kv_heads: int
+  tied_head: bool = False
 
 
 def base_facts(model_name: str | os.PathLike) -> BaseFacts:
@@ -82,7 +93,7 @@ def base_facts(model_name: str | os.PathLike) -> BaseFacts:
     if arch is None:
       raise ValueError(f"base model {str(path)!r}: model_type {hf['model_type']!r} has no llama.cpp "
                        f"architecture here; supported: {sorted(HF_TO_GGUF_ARCH)}.")
-    return BaseFacts(arch, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+    return BaseFacts(arch, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.tie_embeddings)
   if path.suffix != ".gguf":
     raise FileNotFoundError(f"adapter base model {str(path)!r} is neither a .gguf file nor a Hugging "
                             "Face directory; set Adapter.model_name to the model the run loaded.")
@@ -94,7 +105,8 @@ def base_facts(model_name: str | os.PathLike) -> BaseFacts:
                      f"supported: {gguf_loading.GGUF_ARCHS}.")
   n_heads = int(meta[f"{arch}.attention.head_count"])
   return BaseFacts(arch, int(meta[f"{arch}.block_count"]), n_heads,
-                   int(meta.get(f"{arch}.attention.head_count_kv", n_heads)))
+                   int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
+                   tied_head=not any(t.name == "output.weight" for t in reader.tensors))
 
 
 def _check(adapter: Adapter) -> None:
@@ -148,6 +160,12 @@ def lora_tensors(adapter: Adapter, base: BaseFacts) -> dict[str, np.ndarray]:
       layer = int(name.split(".")[1])
       if layer >= base.n_layers:
         raise ValueError(f"module {path!r}: the base model has {base.n_layers} layers; wrong base model?")
+    if name == "output.weight" and base.tied_head:
+      raise ValueError(f"module {path!r}: the base model ties its LM head to the token embedding, so its "
+                       "GGUF has no output.weight; llama.cpp rejects the whole adapter ('LoRA tensor "
+                       "output.weight does not exist in base model') and our tied model never reads an "
+                       "lm_head LoRA. Drop 'lm_head' from Adapter.modules, or export against the untied "
+                       "base the run trained on.")
     r = int(adapter.ranks[path])
     c = float(adapter.scales[path]) * r / float(adapter.alpha)
     lora_a = c * np.asarray(mod["a"], np.float64)[:, :r].T                 # [r, d_in]
@@ -180,7 +198,8 @@ def export(adapter: Adapter, out_dir: str | os.PathLike) -> list[Path]:
   Raises:
     ValueError: another model kind, ``alpha <= 0``, a rank outside
       ``[1, r_max]``, malformed or non-finite factors, extra tensors, a module path that is
-      no Llama projection, or a base model that does not fit.
+      no Llama projection, an ``lm_head`` module on a tied-head base, or a base model that
+      does not fit.
   """
   import gguf
   _check(adapter)

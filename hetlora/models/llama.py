@@ -230,16 +230,19 @@ class Llama(nn.Module):
         earlier slots.
       return_hidden: stop before the LM head and return the final normed
         hidden states ``h: [B, L, D]`` (compute dtype); then
-        ``logits == head_logits(self, params, lora, h)``. Not with a cache.
+        ``logits == head_logits(self, params, lora, h)``. With a cache this
+        returns ``(h, new_cache)``, so a decoder can apply the head to the
+        positions it needs only (:func:`generate` prefills this way).
       segment_ids: ``int32[B, L]`` packed rows (module docstring), with
         ``positions: int32[B, L]``; ``attention_mask`` is then not read. Not with a cache.
 
     Returns:
-      ``float32[B, L, V]`` logits, or ``(logits, new_cache)`` with a cache,
-      or ``h: [B, L, D]`` with ``return_hidden``.
+      ``float32[B, L, V]`` logits, or ``(logits, new_cache)`` with a cache;
+      with ``return_hidden`` ``h: [B, L, D]`` in place of the logits
+      (``h`` or ``(h, new_cache)``).
     """
-    if cache is not None and (return_hidden or segment_ids is not None):
-      raise ValueError("return_hidden and segment_ids are for a full forward; pass cache=None.")
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids are for a full forward; pass cache=None.")
     c = self.config
     b, l = input_ids.shape
     if attention_mask is None:
@@ -266,18 +269,19 @@ class Llama(nn.Module):
       new_layers.append(new_lc)
     x = RMSNorm(c.rms_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
     if return_hidden:
-      return x
-    if c.tie_embeddings:
-      logits = embed.attend(x)
+      out = x
     else:
-      logits = LoRADense(c.vocab_size, use_bias=False, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="lm_head")(x)
-    logits = logits.astype(jnp.float32)
+      if c.tie_embeddings:
+        out = embed.attend(x)
+      else:
+        out = LoRADense(c.vocab_size, use_bias=False, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="lm_head")(x)
+      out = out.astype(jnp.float32)
     if cache is None:
-      return logits
+      return out
     new_cache = {"layers": tuple(new_layers), "mask": key_mask, "index": index + l,
                  "next_pos": cache["next_pos"] + valid.sum(axis=1)}
-    return logits, new_cache
+    return out, new_cache
 
 
 def head_logits(model: Llama, params: Mapping[str, Any], lora: Mapping[str, Any] | None,
@@ -346,6 +350,9 @@ def generate(model: Llama, params, lora, prompt_ids: jax.Array, prompt_mask: jax
 
   The prompt is prefilled in one pass, then one token per ``lax.while_loop``
   step is decoded, until ``max_new_tokens`` or every row has emitted ``eos_id``.
+  The prefill computes hidden states only and applies the LM head
+  (:func:`head_logits`) to each row's last prompt token, so no ``[B, P, V]``
+  logits are materialised.
 
   Args:
     model: a :class:`Llama` (static).
@@ -371,10 +378,11 @@ def generate(model: Llama, params, lora, prompt_ids: jax.Array, prompt_mask: jax
   temperature = jnp.asarray(temperature, jnp.float32)
   var = variables(params, lora)
   cache = init_cache(cfg, b, p + max_new_tokens, model.dtype)
-  logits, cache = model.apply(var, prompt_ids, prompt_mask, cache)
+  h, cache = model.apply(var, prompt_ids, prompt_mask, cache, return_hidden=True)   # [B, P, D]
   prompt_mask = prompt_mask.astype(jnp.int32)
   last = jnp.max(jnp.where(prompt_mask > 0, jnp.arange(p)[None], 0), axis=1)
-  next_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]   # [B, V]
+  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]             # [B, D]
+  next_logits = head_logits(model, params, lora, h_last)                         # [B, V]
   eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
   fill = jnp.maximum(eos, 0)
 
@@ -394,8 +402,8 @@ def generate(model: Llama, params, lora, prompt_ids: jax.Array, prompt_mask: jax
     tokens = tokens.at[:, t].set(tok)
     mask = mask.at[:, t].set((~done).astype(jnp.int32))
     done = done | (tok == eos)
-    logits, cache = model.apply(var, tok[:, None], jnp.ones((b, 1), jnp.int32), cache)
-    return t + 1, cache, logits[:, 0], key, done, tokens, mask
+    h, cache = model.apply(var, tok[:, None], jnp.ones((b, 1), jnp.int32), cache, return_hidden=True)
+    return t + 1, cache, head_logits(model, params, lora, h[:, 0]), key, done, tokens, mask
 
   state = (jnp.zeros((), jnp.int32), cache, next_logits, key, jnp.zeros((b,), bool),
            jnp.full((b, max_new_tokens), fill, jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32))
