@@ -231,6 +231,8 @@ def in_process_run(tiny_model_dirs, tmp_path_factory):
 
 
 @full_tests_only
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="Flower's simulation engine needs ray: pip install -e '.[flower]'")
 def test_simulation_engine_gives_the_in_process_global_adapter(in_process_run, tmp_path):
   from flwr.serverapp import ServerApp
   from flwr.simulation import run_simulation
