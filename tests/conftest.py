@@ -9,6 +9,18 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
+# Heavy checks (real-model comparisons, multi-process runs: 8 simulated devices, jax.distributed,
+# SIGKILLed trainers, Flower's engines) carry the `full` marker. The README test command skips them;
+# `HETLORA_FULL_TESTS=1 pytest -m full tests` runs just them (CI runs both commands).
+FULL_TESTS = os.environ.get("HETLORA_FULL_TESTS") == "1"
+
+# The default run compiles hundreds of small programs and runs each on tiny inputs, so XLA's compile
+# time dominates it: there XLA compiles with its backend optimisations off (jax_disable_most_optimizations;
+# the same programs in about half the compile time). The
+# heavy run keeps the production compiler options, so the real-model checks run what users run.
+if not FULL_TESTS:
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 # One persistent XLA cache per pytest run, made by the controlling process and inherited (through the
 # environment) by the xdist workers and every subprocess a test starts: tests that build the same
 # programs (the tiny trainer runs, resumed children, the 8-device child) compile each one once. It
@@ -43,10 +55,6 @@ def shared_dir():
   return SHARED
 
 
-# Heavy checks (real-model comparisons, multi-process runs: 8 simulated devices, jax.distributed,
-# SIGKILLed trainers, Flower's engines) carry the `full` marker. The README test command skips them;
-# `HETLORA_FULL_TESTS=1 pytest -m full tests` runs just them (CI runs both commands).
-FULL_TESTS = os.environ.get("HETLORA_FULL_TESTS") == "1"
 full_tests_only = pytest.mark.full
 
 
@@ -55,6 +63,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+  # Tests on the real SmolLM2 share one xdist worker (run with --dist loadgroup), which parses its
+  # GGUF file once (~12 s) for all of them.
+  for item in items:
+    if "smollm2" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("smollm2"))
   if FULL_TESTS:
     return
   skip = pytest.mark.skip(reason="heavy check: run with HETLORA_FULL_TESTS=1")

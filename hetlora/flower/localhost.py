@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,9 +57,70 @@ def _node_config(config: Mapping[str, Any]) -> str:
   return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
 
 
+class FederationError(RuntimeError):
+  """A process of the local federation failed; the message ends with the tails of its logs."""
+
+
+def _stop_with_parent() -> None:
+  """In the child before exec: a new process group (so its own children are stopped with it) and,
+  on Linux, SIGTERM when the process that started it dies (no SuperNode outlives a killed test)."""
+  os.setsid()
+  if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop(processes: Sequence[subprocess.Popen]) -> None:
+  """SIGTERM to each process group, SIGKILL to what is left after 30 s."""
+  for p in processes:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(p.pid, signal.SIGTERM)
+  for p in processes:
+    try:
+      p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+
+def log_tails(root: Path, lines: int = 30) -> str:
+  """The last ``lines`` lines of every log under ``<root>/logs``, each under its file name."""
+  parts = []
+  for log in sorted(Path(root, "logs").glob("*.log")):
+    tail = log.read_text(errors="replace").splitlines()[-lines:]
+    parts.append(f"--- {log} (last {len(tail)} lines)\n" + "\n".join(tail))
+  return "\n".join(parts)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, root: Path, timeout: float = 60.0) -> None:
+  """Returns once something accepts connections on 127.0.0.1:``port``.
+
+  Raises:
+    FederationError: ``process`` exited first, or nothing listened within ``timeout`` seconds.
+  """
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if process.poll() is not None:
+      raise FederationError(f"flower-superlink exited with code {process.returncode} before listening on "
+                            f"port {port}.\n{log_tails(root)}")
+    with socket.socket() as s:
+      if s.connect_ex(("127.0.0.1", port)) == 0:
+        return
+    time.sleep(0.2)
+  raise FederationError(f"flower-superlink did not listen on port {port} within {timeout:.0f} s.\n{log_tails(root)}")
+
+
 @contextlib.contextmanager
 def federation(root: Path, node_configs: Sequence[Mapping[str, Any]]) -> Iterator[Federation]:
-  """Starts a SuperLink and one SuperNode per node config; stops them all on exit."""
+  """Starts a SuperLink and one SuperNode per node config, each on a free port; stops them all on exit.
+
+  Every process gets its own process group and, on Linux, dies with the process that started it, so
+  none outlives a crashed caller (e.g. a killed test worker) to hold ports or connect to a later run.
+
+  Raises:
+    FederationError: the SuperLink did not start (the message holds the logs' tails).
+  """
   root = Path(root)
   (root / "logs").mkdir(parents=True, exist_ok=True)
   (root / "flwr").mkdir(exist_ok=True)
@@ -70,38 +132,39 @@ def federation(root: Path, node_configs: Sequence[Mapping[str, Any]]) -> Iterato
 
   def start(log: str, *args: str) -> subprocess.Popen:
     with open(root / "logs" / log, "w") as out:
-      return subprocess.Popen(list(args), env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+      return subprocess.Popen(list(args), env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                              preexec_fn=_stop_with_parent)
 
   superlink = start("superlink.log", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                     "--port", str(port))
   nodes: list[subprocess.Popen] = []
   try:
+    _wait_for_port(port, superlink, root)
     for k, config in enumerate(node_configs):
       nodes.append(start(f"supernode{k}.log", "flower-supernode", "--insecure", "--superlink",
                          f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config", _node_config(config)))
     yield Federation(root, env, superlink, nodes)
   finally:
-    for p in [*nodes, superlink]:
-      if p.poll() is None:
-        p.terminate()
-    for p in [*nodes, superlink]:
-      try:
-        p.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        p.kill()
+    _stop([*nodes, superlink])
 
 
 def run_app(fed: Federation, run_config: Mapping[str, Any], timeout: float = 3600.0) -> None:
   """``flwr run launch/flower localhost`` with ``run_config`` (written as TOML); waits for the run to end.
 
   Raises:
-    subprocess.CalledProcessError: the run failed (``<root>/logs/flwr_run.log`` has its output).
+    FederationError: the run failed or took longer than ``timeout`` seconds; the message holds the
+      tails of ``flwr run``'s output and of every process's log (all under ``<root>/logs``).
   """
   path = fed.root / "run_config.toml"
   path.write_text(tomli_w.dumps(dict(run_config)))
-  with open(fed.root / "logs" / "flwr_run.log", "w") as out:
-    subprocess.run(["flwr", "run", str(APP), "localhost", "--stream", "--run-config", str(path)],
-                   env=fed.env, cwd=fed.root, check=True, timeout=timeout, stdout=out, stderr=subprocess.STDOUT)
+  try:
+    with open(fed.root / "logs" / "flwr_run.log", "w") as out:
+      subprocess.run(["flwr", "run", str(APP), "localhost", "--stream", "--run-config", str(path)],
+                     env=fed.env, cwd=fed.root, check=True, timeout=timeout, stdout=out, stderr=subprocess.STDOUT)
+  except subprocess.CalledProcessError as e:
+    raise FederationError(f"`flwr run` exited with code {e.returncode}.\n{log_tails(fed.root)}") from e
+  except subprocess.TimeoutExpired as e:
+    raise FederationError(f"`flwr run` did not finish within {timeout:.0f} s.\n{log_tails(fed.root)}") from e
 
 
 def main(argv: Sequence[str] | None = None) -> None:
