@@ -9,6 +9,9 @@ round, 8 local steps of 16 tweets) runs ``--rounds`` rounds twice:
   (:mod:`hetlora.flower.localhost`); node ``k`` holds clients ``k, k + nodes, ...``
   and a persistent XLA cache, so a round's ``ClientApp`` processes (one per
   message) load the compiled local training instead of compiling it again.
+  With ``--site-workers`` each SuperNode hands its messages to a long-lived
+  site worker (:mod:`hetlora.flower.site_worker`), which builds the
+  experiment and compiles once for the run.
 
 Reported per round: wall time (``time.round_s`` of ``metrics.jsonl``: from
 sampling to the new server state, evaluation excluded) and, for Flower, the
@@ -20,6 +23,7 @@ while that round runs, and the round's record shows what became of it.
 Run::
 
     python benchmarks/flower_round.py --rounds 2 --nodes 5
+    python benchmarks/flower_round.py --rounds 3 --nodes 5 --site-workers --name flower_round_site_workers
     python benchmarks/flower_round.py --rounds 3 --nodes 2 --clients 4 --drop --round-timeout 60 --skip-in-process \
         --config configs/tweets_hetlora.py:runlocal --overrides "data.num_clients=4 server.clients_per_round=2" \
         --name flower_round_drop
@@ -74,11 +78,11 @@ def _killer(fed, workdir: Path, rounds: int, nodes: int, num_clients: int, notes
 
 
 def _flower(root: Path, rounds: int, nodes: int, n: int, drop: bool, round_timeout: float, config: str,
-            extra: str) -> tuple[list[dict], dict]:
+            extra: str, site_workers: bool) -> tuple[list[dict], dict]:
   node_configs = [{"client-ids": ",".join(str(c) for c in range(k, n, nodes)), "xla-cache": str(root / "xla")}
                   for k in range(nodes)]
   workdir, notes = root / "flower", {}
-  with localhost.federation(root / "federation", node_configs) as fed:
+  with localhost.federation(root / "federation", node_configs, site_workers=site_workers) as fed:
     if drop:
       threading.Thread(target=_killer, daemon=True, args=(
           fed, workdir, rounds, nodes, n, notes)).start()
@@ -95,6 +99,8 @@ def main() -> None:
   parser.add_argument("--clients", type=int, default=20, help="the config's data.num_clients")
   parser.add_argument("--round-timeout", type=float, default=600.0)
   parser.add_argument("--skip-in-process", action="store_true")
+  parser.add_argument("--site-workers", action="store_true",
+                      help="each SuperNode hands its messages to a long-lived site worker (hetlora.flower.site_worker)")
   parser.add_argument("--name", default="flower_round")
   parser.add_argument("--config", default=CONFIG, help="experiment config, path[:arg] from the repository")
   parser.add_argument("--overrides", default="", help="more config fields, 'model.name=/m data.num_clients=4'")
@@ -107,9 +113,10 @@ def main() -> None:
         rows.append({"engine": "in-process sequential", "round": row["round"], "round_s": row["time"]["round_s"],
                      "clients": str(row["client_ids"])})
     flower_rows, notes = _flower(root, args.rounds, args.nodes, args.clients, args.drop, args.round_timeout,
-                                  args.config, args.overrides)
+                                  args.config, args.overrides, args.site_workers)
+    engine = f"flower localhost, {args.nodes} SuperNodes" + (" + site workers" if args.site_workers else "")
     for row in flower_rows:
-      rows.append({"engine": f"flower localhost, {args.nodes} SuperNodes", "round": row["round"],
+      rows.append({"engine": engine, "round": row["round"],
                    "round_s": row["time"]["round_s"], "clients": str(row["client_ids"]),
                    "ranks": str(row["ranks"]), "bytes_down": str(row["bytes_down"]), "bytes_up": str(row["bytes_up"]),
                    "missing": str(row["missing_clients"]), "excluded": str(row["excluded_clients"])})

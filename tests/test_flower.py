@@ -191,6 +191,56 @@ def test_flower_rounds_give_the_in_process_global_adapter(tiny_exp):
                for r, b in zip(ranks, extra["bytes_down"]))
 
 
+@pytest.fixture
+def site_worker_socket():
+  """A site worker serving in a thread of this process (so it shares the compiled programs);
+  yields its socket path (short: Unix socket paths are limited to ~100 characters)."""
+  import tempfile
+  import threading
+  from hetlora.flower import site_worker
+  path = Path(tempfile.mkdtemp(prefix="hl-")) / "site.sock"
+  stop = threading.Event()
+  thread = threading.Thread(target=site_worker.serve, args=(path, stop), daemon=True)
+  thread.start()
+  while not site_worker.key_file(path).exists():
+    thread.join(0.05)
+  yield str(path)
+  site_worker.stop_serving(path, stop)
+  thread.join(10)
+  assert not thread.is_alive() and not site_worker.key_file(path).exists()
+
+
+def test_site_worker_answers_as_the_client_app_would(tiny_exp, site_worker_socket):
+  """Nodes 100 and 101 hand their messages to a site worker, node 102 trains them itself: the same
+  3 rounds as in process; a worker's error comes back to the ClientApp, naming its cause."""
+  from hetlora.flower import site_worker
+  nodes = _nodes(3)
+  for n in (100, 101):
+    nodes[n] = {**nodes[n], "site-worker": site_worker_socket}
+  reference = _in_process(tiny_exp, ROUNDS)
+  state, extras = _over_grid(tiny_exp, Loopback(nodes), ROUNDS)
+  assert _max_diff(reference, state) < 1e-5
+  assert all(extra["missing"] == 0 for _, _, extra in extras)
+  task = RecordDict({"task": __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord(
+      {"client": 2, "rank": 1, "round": 0, "config": "{}"})})
+  with pytest.raises(RuntimeError, match="does not hold client 2"):
+    site_worker.ask(site_worker_socket, task, {"partition-id": 0})
+  with pytest.raises(RuntimeError, match="another site worker serves"):
+    site_worker.serve(site_worker_socket)
+
+
+def test_missing_or_stale_site_worker_is_named(tmp_path):
+  from hetlora.flower import site_worker
+  path = tmp_path / "gone.sock"
+  with pytest.raises(RuntimeError, match="no site worker serves .*python -m hetlora.flower.site_worker"):
+    site_worker.ask(str(path), RecordDict(), {"partition-id": 0})
+  import socket
+  with socket.socket(socket.AF_UNIX) as s:    # a socket file left by a killed worker: nobody listens
+    s.bind(str(path))
+  site_worker._claim(path)
+  assert not path.exists()
+
+
 def _modules(exp):
   from hetlora import lora
   return list(lora.modules(exp.global_lora).values())
@@ -254,14 +304,50 @@ def test_simulation_engine_gives_the_in_process_global_adapter(in_process_run, t
 
 @full_tests_only
 def test_deployment_engine_on_localhost_gives_the_in_process_global_adapter(in_process_run, tmp_path):
-  """A SuperLink and 3 SuperNodes as separate processes on localhost, the App submitted by `flwr run`."""
+  """A SuperLink, 3 SuperNodes and their site workers as separate processes on localhost, the App
+  submitted by `flwr run`."""
   from hetlora.flower import localhost
   config, reference = in_process_run
   overrides = " ".join(f"{k}={v!r}" for k, v in {**TINY, "model.name": config.model.name}.items())
   nodes = [{"partition-id": k, "xla-cache": str(tmp_path / "xla")} for k in range(3)]
-  with localhost.federation(tmp_path, nodes) as fed:
+  with localhost.federation(tmp_path, nodes, site_workers=True) as fed:
     localhost.run_app(fed, {"config": "configs/tweets_hetlora.py:runlocal", "overrides": overrides,
                             "workdir": str(tmp_path / "deploy"), "min-nodes": 3}, timeout=900)
   diff = _max_diff(reference, _final_state(tmp_path / "deploy", config))
   print(f"deployment engine vs in-process, max |difference| after {ROUNDS} rounds: {diff:.3g}")
   assert diff < 1e-5
+
+
+@full_tests_only
+def test_local_federation_dies_with_the_process_that_started_it(tmp_path):
+  """A SIGKILLed caller (e.g. a crashed test worker) leaves no SuperLink or SuperNode behind."""
+  import os
+  import signal
+  import subprocess
+  import time
+  script = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from hetlora.flower import localhost\n"
+            "with localhost.federation(Path(sys.argv[1]), [{'partition-id': 0}]) as fed:\n"
+            "  print(fed.superlink.pid, fed.nodes[0].pid, flush=True)\n"
+            "  time.sleep(600)\n")
+  caller = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  pids = [int(p) for p in caller.stdout.readline().split()]
+  assert len(pids) == 2, "the federation did not start"
+  os.kill(caller.pid, signal.SIGKILL)
+  caller.wait()
+  deadline = time.monotonic() + 30
+  alive = pids
+  while alive and time.monotonic() < deadline:
+    time.sleep(0.2)
+    alive = [p for p in pids if _running(p)]
+  assert not alive, f"processes {alive} outlived their killed parent"
+
+
+def _running(pid):
+  """Whether ``pid`` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False

@@ -10,8 +10,15 @@ Two message types (the server's side is :mod:`hetlora.flower.strategy`):
   trained slots at the new rank), ``dense`` and ``metrics`` (MetricRecord:
   ``client``, ``rank``, ``loss``, ``examples``, ``update_norm``, ``num_examples``).
 
-An exception becomes Flower's error reply; the server counts the client as
-missing for that round (its upload gets no weight, its rank is kept).
+With ``site-worker=<socket>`` in the node config, the message's content goes to
+the site's long-lived worker (:mod:`hetlora.flower.site_worker`), which
+answers with the same function (:func:`hetlora.flower.site.answer`) but keeps
+the experiment and compiled program between messages; otherwise this process
+builds them itself.
+
+An exception (also an unreachable site worker) becomes Flower's error reply;
+the server counts the client as missing for that round (its upload gets no
+weight, its rank is kept).
 
 Example (``pyproject.toml`` of a Flower App, ``launch/flower/``)::
 
@@ -21,11 +28,10 @@ Example (``pyproject.toml`` of a Flower App, ``launch/flower/``)::
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from hetlora.flower import site
-from hetlora.flower import wire
+from hetlora.flower import site, site_worker
 
 app = ClientApp()
 
@@ -39,24 +45,9 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-  """One client's local training on the site's partition."""
-  task = msg.content["task"]
-  client, rank = int(task["client"]), int(task["rank"])
-  if client not in site.client_ids(context.node_config):
-    raise ValueError(f"this site does not hold client {client} (its node config: {context.node_config}).")
-  site.use_xla_cache(context.node_config)
-  exp, train_one = site.build(str(task["config"]), str(context.node_config.get("model-dir", "")))
-  start = wire.adapter_from_record(msg.content["adapter"], exp.global_lora, rank)
-  result, num_examples = site.train(exp, train_one, client, int(task["round"]), rank, start,
-                                    wire.tree_from_record(msg.content["dense"]),
-                                    wire.tree_from_record(msg.content["kernels"]))
-  new_rank = int(result.rank)
-  content = RecordDict({
-      "adapter": wire.adapter_record(result.lora, new_rank, exp.method.local.trainable),
-      "dense": wire.tree_record(result.dense) if result.dense else ArrayRecord(),
-      "metrics": MetricRecord({
-          "client": client, "rank": new_rank, "loss": float(result.loss),
-          "examples": float(result.examples), "update_norm": float(result.update_norm),
-          "num_examples": num_examples}),
-  })
+  """One client's local training on the site's partition (here or in the site's worker)."""
+  if context.node_config.get("site-worker"):
+    content = site_worker.ask(str(context.node_config["site-worker"]), msg.content, context.node_config)
+  else:
+    content = site.answer(msg.content, context.node_config)
   return Message(content, reply_to=msg)

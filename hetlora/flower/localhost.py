@@ -9,7 +9,7 @@ own state (installed apps, the CLI's connection) lives in ``<root>/flwr``.
 
 Command (3 sites, the tweets smoke run)::
 
-    python -m hetlora.flower.localhost --root /tmp/fed --nodes 3 \\
+    python -m hetlora.flower.localhost --root /tmp/fed --nodes 3 --site-workers \\
         --config configs/tweets_hetlora.py:runlocal --workdir /tmp/fed/workdir
 
 Example::
@@ -39,11 +39,13 @@ APP = Path(__file__).resolve().parents[2] / "launch" / "flower"
 
 @dataclasses.dataclass
 class Federation:
-  """The running processes: ``superlink``, ``nodes`` (one per node config), their environment."""
+  """The running processes: ``superlink``, ``nodes`` (one per node config), their site ``workers``
+  (empty without ``site_workers``), their environment."""
   root: Path
   env: dict[str, str]
   superlink: subprocess.Popen
   nodes: list[subprocess.Popen]
+  workers: list[subprocess.Popen] = dataclasses.field(default_factory=list)
 
 
 def free_port() -> int:
@@ -61,13 +63,20 @@ class FederationError(RuntimeError):
   """A process of the local federation failed; the message ends with the tails of its logs."""
 
 
-def _stop_with_parent() -> None:
-  """In the child before exec: a new process group (so its own children are stopped with it) and,
-  on Linux, SIGTERM when the process that started it dies (no SuperNode outlives a killed test)."""
-  os.setsid()
-  if sys.platform.startswith("linux"):
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Run before the command, in its own process: on Linux, asks for SIGTERM when the parent (the process
+# that started the federation) dies, exits if it is already gone, then becomes the command. (Done after
+# exec, not in a preexec_fn, which would fork a multithreaded JAX process.)
+_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                "if sys.platform.startswith('linux'):\n"
+                "  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+                "  if os.getppid() != int(sys.argv[1]): sys.exit('the starting process is gone')\n"
+                "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def _dies_with_this_process(args: Sequence[str]) -> list[str]:
+  """``args`` wrapped so that the command dies with this process (Linux) and no stray SuperNode
+  outlives a killed caller to hold ports or serve a later run."""
+  return [sys.executable, "-c", _WITH_PARENT, str(os.getpid()), *args]
 
 
 def _stop(processes: Sequence[subprocess.Popen]) -> None:
@@ -93,6 +102,19 @@ def log_tails(root: Path, lines: int = 30) -> str:
   return "\n".join(parts)
 
 
+def _wait_for_socket(path: Path, process: subprocess.Popen, root: Path, timeout: float = 120.0) -> None:
+  """Returns once the site worker ``process`` serves ``path``.
+
+  Raises:
+    FederationError: the worker exited first or did not serve within ``timeout`` seconds.
+  """
+  deadline = time.monotonic() + timeout
+  while not path.exists():
+    if process.poll() is not None or time.monotonic() > deadline:
+      raise FederationError(f"the site worker for {path} did not start.\n{log_tails(root)}")
+    time.sleep(0.2)
+
+
 def _wait_for_port(port: int, process: subprocess.Popen, root: Path, timeout: float = 60.0) -> None:
   """Returns once something accepts connections on 127.0.0.1:``port``.
 
@@ -112,8 +134,13 @@ def _wait_for_port(port: int, process: subprocess.Popen, root: Path, timeout: fl
 
 
 @contextlib.contextmanager
-def federation(root: Path, node_configs: Sequence[Mapping[str, Any]]) -> Iterator[Federation]:
+def federation(root: Path, node_configs: Sequence[Mapping[str, Any]],
+               site_workers: bool = False) -> Iterator[Federation]:
   """Starts a SuperLink and one SuperNode per node config, each on a free port; stops them all on exit.
+
+  With ``site_workers``, each SuperNode also gets a site worker (:mod:`hetlora.flower.site_worker`,
+  socket ``<root>/site<k>.sock`` set as its ``site-worker``), which keeps the experiment and the
+  compiled local training between messages.
 
   Every process gets its own process group and, on Linux, dies with the process that started it, so
   none outlives a crashed caller (e.g. a killed test worker) to hold ports or connect to a later run.
@@ -132,20 +159,27 @@ def federation(root: Path, node_configs: Sequence[Mapping[str, Any]]) -> Iterato
 
   def start(log: str, *args: str) -> subprocess.Popen:
     with open(root / "logs" / log, "w") as out:
-      return subprocess.Popen(list(args), env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
-                              preexec_fn=_stop_with_parent)
+      return subprocess.Popen(_dies_with_this_process(args), env=env, cwd=root, stdout=out,
+                              stderr=subprocess.STDOUT, start_new_session=True)
 
   superlink = start("superlink.log", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                     "--port", str(port))
   nodes: list[subprocess.Popen] = []
+  workers: list[subprocess.Popen] = []
   try:
     _wait_for_port(port, superlink, root)
     for k, config in enumerate(node_configs):
+      if site_workers:
+        socket_path = root / f"site{k}.sock"
+        workers.append(start(f"siteworker{k}.log", sys.executable, "-m", "hetlora.flower.site_worker",
+                             "--socket", str(socket_path)))
+        _wait_for_socket(socket_path, workers[-1], root)
+        config = {**config, "site-worker": str(socket_path)}
       nodes.append(start(f"supernode{k}.log", "flower-supernode", "--insecure", "--superlink",
                          f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config", _node_config(config)))
-    yield Federation(root, env, superlink, nodes)
+    yield Federation(root, env, superlink, nodes, workers)
   finally:
-    _stop([*nodes, superlink])
+    _stop([*nodes, *workers, superlink])
 
 
 def run_app(fed: Federation, run_config: Mapping[str, Any], timeout: float = 3600.0) -> None:
@@ -175,13 +209,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--config", required=True, help="experiment config, path[:arg]")
   parser.add_argument("--overrides", default="", help="'server.rounds=3 ...' config fields")
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--site-workers", action="store_true",
+                      help="give each SuperNode a site worker that keeps the compiled training between messages")
   args = parser.parse_args(argv)
   root = Path(args.root).resolve()
   clients = args.clients or args.nodes
   nodes = [{"client-ids": ",".join(str(c) for c in range(k, clients, args.nodes)),
             "xla-cache": str(root / "xla")} for k in range(args.nodes)]
   t0 = time.perf_counter()
-  with federation(root, nodes) as fed:
+  with federation(root, nodes, site_workers=args.site_workers) as fed:
     run_app(fed, {"config": args.config, "overrides": args.overrides, "workdir": str(Path(args.workdir).resolve()),
                   "min-nodes": args.nodes})
   print(f"done in {time.perf_counter() - t0:.1f} s; metrics in {args.workdir}/metrics.jsonl, logs in {root}/logs")

@@ -11,7 +11,12 @@ own settings from the SuperNode's ``--node-config``:
 - ``xla-cache`` (optional): a folder for compiled programs, so a new
   ``ClientApp`` process (one per message) reuses the compiled local training.
 
-One round for client ``k`` at rank ``r_k`` (:func:`train`)::
+- ``site-worker`` (optional): the Unix socket of the site's long-lived worker
+  (:mod:`hetlora.flower.site_worker`), which keeps the built experiment and
+  the compiled local training between messages.
+
+One round for client ``k`` at rank ``r_k`` (:func:`train`; :func:`answer`
+from a message's content)::
 
     start  = pad(received slots, r_max)                  a: [d_in, r_max]
     base   = W0 with the received dense trainables (and changed kernels)
@@ -38,6 +43,7 @@ from hetlora import client as client_lib
 from hetlora import dense as dense_lib
 from hetlora import experiment as experiment_lib
 from hetlora import lora as lora_lib
+from hetlora.flower import wire
 
 
 def client_ids(node_config: Mapping[str, Any]) -> list[int]:
@@ -108,3 +114,37 @@ def train(exp: experiment_lib.Experiment, train_one, client: int, round_index: i
   base = dense_lib.overlay(dense_lib.overlay(exp.base_params, kernels), dense)
   stacked = train_one(base, jax.tree.map(lambda x: x[None], start), np.asarray([rank], np.int32), data)
   return jax.tree.map(lambda x: x[0], jax.device_get(stacked)), float(n[0])
+
+
+def answer(content: Any, node_config: Mapping[str, Any]) -> Any:
+  """The reply content to a ``train`` message's content (:mod:`hetlora.flower.client_app` has the records).
+
+  Args:
+    content: the message's ``RecordDict``: ``adapter``, ``dense``, ``kernels``, ``task``.
+    node_config: the SuperNode's ``--node-config``.
+
+  Returns:
+    A ``RecordDict``: ``adapter`` (the trained slots at the new rank), ``dense``, ``metrics``.
+
+  Raises:
+    ValueError: the site does not hold the task's client.
+  """
+  from flwr.app import ArrayRecord, MetricRecord, RecordDict
+  task = content["task"]
+  client, rank = int(task["client"]), int(task["rank"])
+  if client not in client_ids(node_config):
+    raise ValueError(f"this site does not hold client {client} (its node config: {dict(node_config)}).")
+  use_xla_cache(node_config)
+  exp, train_one = build(str(task["config"]), str(node_config.get("model-dir", "")))
+  start = wire.adapter_from_record(content["adapter"], exp.global_lora, rank)
+  result, num_examples = train(exp, train_one, client, int(task["round"]), rank, start,
+                               wire.tree_from_record(content["dense"]), wire.tree_from_record(content["kernels"]))
+  new_rank = int(result.rank)
+  return RecordDict({
+      "adapter": wire.adapter_record(result.lora, new_rank, exp.method.local.trainable),
+      "dense": wire.tree_record(result.dense) if result.dense else ArrayRecord(),
+      "metrics": MetricRecord({
+          "client": client, "rank": new_rank, "loss": float(result.loss),
+          "examples": float(result.examples), "update_norm": float(result.update_norm),
+          "num_examples": num_examples}),
+  })
