@@ -20,7 +20,7 @@ global model too (round 0: the random head, chance level).
 Commands:
   # full setting (GPU; untested here)
   python launch/train.py --config configs/mnist_vit.py:method=hetlora --workdir wd/mnist
-  # the CPU budget of the README table (2-core CPU, about 3-5 min per method)
+  # the CPU budget of the results table (2-core CPU, about 8-10 min per method)
   python launch/compare.py --config configs/mnist_vit.py:cpu --methods hetlora,homlora_min,homlora_max,flexlora \
       --alphas 0.5 --out benchmarks/results/mnist_vit_cpu
   python launch/compare.py --config configs/mnist_vit.py:cpu,probe --methods homlora_max --alphas 0.5 \
@@ -73,18 +73,18 @@ def get_config(arg=None):
     c.lora.pattern = r"^classifier/kernel$"
     c.model.head = "lora"
 
-  if a.cpu:  # the budget a 2-core CPU finishes in about 3-5 minutes per method
+  if a.cpu:  # the budget a 2-core CPU finishes in about 8-10 minutes per method
     c.data.max_train_examples = 2000
     c.data.max_test_examples = 500
     c.data.num_clients = 20
     c.server.clients_per_round = 5
-    c.server.rounds = 6
+    c.server.rounds = 12
     c.client.local_epochs = 0.0
-    c.client.local_steps = 4
+    c.client.local_steps = 8
     c.client.batch_size = 16
     c.client.learning_rate = 2e-3
-    c.eval.every = 2
-    c.checkpoint_every = 2
+    c.eval.every = 4
+    c.checkpoint_every = 4
     if c.data.public_examples:
       c.data.public_examples = 100
   if a.runlocal:

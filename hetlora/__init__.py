@@ -9,16 +9,28 @@ Curated public API; submodules hold the rest:
 - :mod:`hetlora.models`, :mod:`hetlora.data`, :mod:`hetlora.experiment`, :mod:`hetlora.trainer`.
 """
 
-from hetlora import aggregation, client, dense, lora, methods, ranks, server
-from hetlora.client import LocalSpec, local_train, sequential_backend, vmap_backend
-from hetlora.lora import fold_scale, truncate
-from hetlora.methods import Local, Method
-from hetlora.server import ServerState, make_round, sample_cohort
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Local", "LocalSpec", "Method", "ServerState", "aggregation", "client", "dense", "fold_scale", "local_train",
-    "lora", "make_round", "methods", "ranks", "sample_cohort", "sequential_backend", "server",
-    "truncate", "vmap_backend",
-]
+# Attributes resolved on first use (PEP 562), so that importing one submodule (e.g. the Flower
+# ClientApp that only relays to a site worker) does not import JAX and every other module.
+_SUBMODULES = ("aggregation", "client", "dense", "lora", "methods", "ranks", "server")
+_NAMES = {"LocalSpec": "client", "local_train": "client", "sequential_backend": "client",
+          "vmap_backend": "client", "fold_scale": "lora", "truncate": "lora", "Local": "methods",
+          "Method": "methods", "ServerState": "server", "make_round": "server", "sample_cohort": "server"}
+
+__all__ = sorted((*_SUBMODULES, *_NAMES))
+
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    return importlib.import_module(f"hetlora.{name}")
+  if name in _NAMES:
+    return getattr(importlib.import_module(f"hetlora.{_NAMES[name]}"), name)
+  raise AttributeError(f"module 'hetlora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *__all__})

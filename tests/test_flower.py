@@ -171,11 +171,11 @@ def test_run_config_overrides_and_client_ids():
       "server.rounds": 3, "model.name": "/m x", "eval.at_start": True}
   with pytest.raises(ValueError, match="key=value"):
     server_app.parse_overrides("server.rounds")
-  from hetlora.flower import site
-  assert site.client_ids({"partition-id": 2}) == [2]
-  assert site.client_ids({"client-ids": "4, 0,4"}) == [0, 4]
+  from hetlora.flower import node
+  assert node.client_ids({"partition-id": 2}) == [2]
+  assert node.client_ids({"client-ids": "4, 0,4"}) == [0, 4]
   with pytest.raises(ValueError, match="partition-id"):
-    site.client_ids({})
+    node.client_ids({})
 
 
 def test_flower_rounds_give_the_in_process_global_adapter(tiny_exp):

@@ -3,7 +3,7 @@
 Two message types (the server's side is :mod:`hetlora.flower.strategy`):
 
 - ``query``: replies ``{'site': ConfigRecord(client_ids=[...])}`` from the
-  SuperNode's ``--node-config`` (:func:`hetlora.flower.site.client_ids`);
+  SuperNode's ``--node-config`` (:func:`hetlora.flower.node.client_ids`);
 - ``train``: content ``adapter`` (the client's ``r_k`` slots), ``dense`` and
   ``kernels`` (ArrayRecords, possibly empty) and ``task`` (ConfigRecord:
   ``client``, ``round``, ``rank``, ``config`` JSON); replies ``adapter`` (the
@@ -31,7 +31,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from hetlora.flower import site, site_worker
+from hetlora.flower import node, site_worker
 
 app = ClientApp()
 
@@ -39,15 +39,16 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
   """The clients this site holds."""
-  ids = site.client_ids(context.node_config)
+  ids = node.client_ids(context.node_config)
   return Message(RecordDict({"site": ConfigRecord({"client_ids": ids})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-  """One client's local training on the site's partition (here or in the site's worker)."""
+  """One client's local training on the site's partition (in the site's worker, or here)."""
   if context.node_config.get("site-worker"):
     content = site_worker.ask(str(context.node_config["site-worker"]), msg.content, context.node_config)
   else:
+    from hetlora.flower import site   # JAX and the experiment: only where this process trains
     content = site.answer(msg.content, context.node_config)
   return Message(content, reply_to=msg)
