@@ -16,8 +16,8 @@ FULL_TESTS = os.environ.get("HETLORA_FULL_TESTS") == "1"
 
 # The default run compiles hundreds of small programs and runs each on tiny inputs, so XLA's compile
 # time dominates it: there XLA compiles with its backend optimisations off (jax_disable_most_optimizations;
-# the same programs in about half the compile time). The
-# heavy run keeps the production compiler options, so the real-model checks run what users run.
+# the same programs in about half the compile time). The heavy run keeps the production compiler
+# options, so the real-model checks run what users run.
 if not FULL_TESTS:
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 

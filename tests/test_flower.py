@@ -202,7 +202,7 @@ def site_worker_socket():
   stop = threading.Event()
   thread = threading.Thread(target=site_worker.serve, args=(path, stop), daemon=True)
   thread.start()
-  while not site_worker.key_file(path).exists():
+  while not path.exists():              # the listener's socket: made after the key, when it serves
     thread.join(0.05)
   yield str(path)
   site_worker.stop_serving(path, stop)

@@ -9,8 +9,7 @@ own settings from the SuperNode's ``--node-config``:
   partitions this site holds and trains;
 - ``model-dir`` (optional): the site's copy of the model (``config.model.name``);
 - ``xla-cache`` (optional): a folder for compiled programs, so a new
-  ``ClientApp`` process (one per message) reuses the compiled local training.
-
+  ``ClientApp`` process (one per message) reuses the compiled local training;
 - ``site-worker`` (optional): the Unix socket of the site's long-lived worker
   (:mod:`hetlora.flower.site_worker`), which keeps the built experiment and
   the compiled local training between messages.
@@ -38,6 +37,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 import numpy as np
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from hetlora import client as client_lib
 from hetlora import dense as dense_lib
@@ -98,7 +98,7 @@ def train(exp: experiment_lib.Experiment, train_one, client: int, round_index: i
   return jax.tree.map(lambda x: x[0], jax.device_get(stacked)), float(n[0])
 
 
-def answer(content: Any, node_config: Mapping[str, Any]) -> Any:
+def answer(content: RecordDict, node_config: Mapping[str, Any]) -> RecordDict:
   """The reply content to a ``train`` message's content (:mod:`hetlora.flower.client_app` has the records).
 
   Args:
@@ -111,7 +111,6 @@ def answer(content: Any, node_config: Mapping[str, Any]) -> Any:
   Raises:
     ValueError: the site does not hold the task's client.
   """
-  from flwr.app import ArrayRecord, MetricRecord, RecordDict
   task = content["task"]
   client, rank = int(task["client"]), int(task["rank"])
   if client not in client_ids(node_config):

@@ -88,9 +88,11 @@ def _claim(path: Path) -> None:
   try:
     key = key_file(path).read_bytes()
     connection.Client(str(path), family="AF_UNIX", authkey=key).close()
-  except (OSError, connection.AuthenticationError):
+  except (FileNotFoundError, ConnectionRefusedError):   # no key, or nobody listens: left by a dead worker
     path.unlink()
     return
+  except connection.AuthenticationError:                 # someone listens, with another key
+    pass
   raise RuntimeError(f"another site worker serves {str(path)!r}; stop it or choose another --socket.")
 
 
