@@ -246,6 +246,32 @@ def _modules(exp):
   return list(lora.modules(exp.global_lora).values())
 
 
+class _SlowPush:
+  """A grid whose push outlasts the round's timeout (a loaded host) and whose replies are then
+  all there."""
+
+  def __init__(self, seconds):
+    self.seconds, self.replies = seconds, {}
+
+  def push_messages(self, messages):
+    import time
+    time.sleep(self.seconds)
+    for m in messages:
+      m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+      self.replies[m.metadata.message_id] = Message(RecordDict(), reply_to=m)
+    return [m.metadata.message_id for m in messages]
+
+  def pull_messages(self, message_ids):
+    return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def test_replies_already_there_when_the_time_is_up_are_not_missing():
+  messages = [Message(RecordDict(), 100 + k, "train", group_id="0") for k in range(2)]
+  replies, waited = strategy.exchange(_SlowPush(0.3), messages, timeout=0.1, poll=0.01)
+  assert waited >= 0.3 and all(r is not None for r in replies)
+  assert [r.metadata.reply_to_message_id for r in replies] == [m.metadata.message_id for m in messages]
+
+
 def test_a_lost_site_is_missing_and_the_round_aggregates_the_others(tiny_exp):
   """The SuperNode of one cohort client never answers: the round completes with the others, the
   lost client keeps its rank, and the adapter is the one the others' uploads give."""
