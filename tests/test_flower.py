@@ -59,7 +59,7 @@ class Loopback(Grid):
 
   def __init__(self, node_configs, drop=()):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    self.node_configs, self.drop, self.replies = node_configs, set(drop), {}
+    self.node_configs, self.drop, self.replies, self.sent = node_configs, set(drop), {}, []
     self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config={})
                      for n, c in node_configs.items()}
 
@@ -81,6 +81,7 @@ class Loopback(Grid):
     for m in messages:
       m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
       ids.append(m.metadata.message_id)
+      self.sent.append((m.metadata.message_type, m.metadata.dst_node_id))
       if m.metadata.message_type == "train" and m.metadata.dst_node_id in self.drop:
         continue   # the node is gone: no reply ever comes
       sent = ProtoRecordDict.FromString(serde.recorddict_to_proto(m.content).SerializeToString())
@@ -150,13 +151,18 @@ def test_slots_travel_at_the_client_rank():
     record = wire.adapter_record(masked, rank)
     numbers = sum(int(np.prod(record[k].shape)) for k in record)
     assert numbers == rank * (d_in + d_out)
-    assert wire.payload_bytes(record) < 4 * numbers + 512     # float32 plus two small headers
+    assert list(record) == ["ab"] and wire.payload_bytes(record) < 4 * numbers + 256   # float32, one header
     back = wire.adapter_from_record(record, tree, rank)
     np.testing.assert_array_equal(back["layer"]["q"]["a"], masked["layer"]["q"]["a"])
     np.testing.assert_array_equal(back["layer"]["q"]["b"], masked["layer"]["q"]["b"])
   only_b = wire.adapter_record(tree, 3, parts="b")
-  assert list(only_b) == ["layer/q/b"]
-  with pytest.raises(ValueError, match="same model and lora.r_max"):
+  assert list(only_b) == ["b"] and only_b["b"].shape == (3 * d_out,)
+  back = wire.adapter_from_record(only_b, tree, 3, fallback_a=tree)
+  np.testing.assert_array_equal(back["layer"]["q"]["a"][:, :3], tree["layer"]["q"]["a"][:, :3])
+  np.testing.assert_array_equal(back["layer"]["q"]["b"][:3], tree["layer"]["q"]["b"][:3])
+  with pytest.raises(ValueError, match="expected the factors"):
+    wire.adapter_from_record(only_b, tree, 3)
+  with pytest.raises(ValueError, match="same model, lora.pattern and lora.r_max"):
     wire.adapter_from_record(wire.adapter_record(tree, 3), tree, 4)
 
 
@@ -191,6 +197,15 @@ def test_flower_rounds_give_the_in_process_global_adapter(tiny_exp):
                for r, b in zip(ranks, extra["bytes_down"]))
 
 
+def test_a_site_gets_one_message_a_round_for_all_its_clients(tiny_exp):
+  """One SuperNode holds every client: each round is one train message, and the same adapter."""
+  grid = Loopback({100: {"client-ids": "0,1,2"}})
+  state, extras = _over_grid(tiny_exp, grid, ROUNDS)
+  assert _max_diff(_in_process(tiny_exp, ROUNDS), state) < 1e-5
+  assert [m for m in grid.sent if m[0] == "train"] == [("train", 100)] * ROUNDS
+  assert all(extra["missing"] == 0 for _, _, extra in extras)
+
+
 @pytest.fixture
 def site_worker_socket():
   """A site worker serving in a thread of this process (so it shares the compiled programs);
@@ -222,7 +237,7 @@ def test_site_worker_answers_as_the_client_app_would(tiny_exp, site_worker_socke
   assert _max_diff(reference, state) < 1e-5
   assert all(extra["missing"] == 0 for _, _, extra in extras)
   task = RecordDict({"task": __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord(
-      {"client": 2, "rank": 1, "round": 0, "config": "{}"})})
+      {"clients": [2], "ranks": [1], "round": 0, "config": "{}"})})
   with pytest.raises(RuntimeError, match="does not hold client 2"):
     site_worker.ask(site_worker_socket, task, {"partition-id": 0})
   with pytest.raises(RuntimeError, match="another site worker serves"):

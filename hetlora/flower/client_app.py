@@ -4,11 +4,13 @@ Two message types (the server's side is :mod:`hetlora.flower.strategy`):
 
 - ``query``: replies ``{'site': ConfigRecord(client_ids=[...])}`` from the
   SuperNode's ``--node-config`` (:func:`hetlora.flower.node.client_ids`);
-- ``train``: content ``adapter`` (the client's ``r_k`` slots), ``dense`` and
-  ``kernels`` (ArrayRecords, possibly empty) and ``task`` (ConfigRecord:
-  ``client``, ``round``, ``rank``, ``config`` JSON); replies ``adapter`` (the
-  trained slots at the new rank), ``dense`` and ``metrics`` (MetricRecord:
-  ``client``, ``rank``, ``loss``, ``examples``, ``update_norm``, ``num_examples``).
+- ``train``: one message a round for all the cohort clients the site holds;
+  content ``task`` (ConfigRecord: ``clients``, ``ranks``, ``round``,
+  ``config`` JSON), ``dense`` and ``kernels`` (ArrayRecords, possibly empty)
+  and ``adapter.<client>`` (each client's ``r_k`` slots); replies, per
+  client, ``adapter.<client>`` (the trained slots at the new rank),
+  ``dense.<client>`` and ``metrics.<client>`` (MetricRecord: ``client``,
+  ``rank``, ``loss``, ``examples``, ``update_norm``, ``num_examples``).
 
 With ``site-worker=<socket>`` in the node config, the message's content goes to
 the site's long-lived worker (:mod:`hetlora.flower.site_worker`), which
@@ -17,7 +19,7 @@ the experiment and compiled program between messages; otherwise this process
 builds them itself.
 
 An exception (also an unreachable site worker) becomes Flower's error reply;
-the server counts the client as missing for that round (its upload gets no
+the server counts the message's clients as missing for that round (its upload gets no
 weight, its rank is kept).
 
 Example (``pyproject.toml`` of a Flower App, ``launch/flower/``)::
@@ -45,7 +47,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-  """One client's local training on the site's partition (in the site's worker, or here)."""
+  """The local training of the site's cohort clients (in the site's worker, or here)."""
   if context.node_config.get("site-worker"):
     content = site_worker.ask(str(context.node_config["site-worker"]), msg.content, context.node_config)
   else:

@@ -1,4 +1,4 @@
-"""A client site: its own model copy and data partition, one client's local training per message.
+"""A client site: its own model copy and data partition, its cohort clients' local training per message.
 
 The server sends the run's config (JSON) with every training message; the
 site builds the experiment from it (:func:`hetlora.experiment.build`: the
@@ -15,7 +15,7 @@ own settings from the SuperNode's ``--node-config``:
   the compiled local training between messages.
 
 One round for client ``k`` at rank ``r_k`` (:func:`train`; :func:`answer`
-from a message's content)::
+does it for each of the message's clients)::
 
     start  = pad(received slots, r_max)                  a: [d_in, r_max]
     base   = W0 with the received dense trainables (and changed kernels)
@@ -101,31 +101,40 @@ def train(exp: experiment_lib.Experiment, train_one, client: int, round_index: i
 def answer(content: RecordDict, node_config: Mapping[str, Any]) -> RecordDict:
   """The reply content to a ``train`` message's content (:mod:`hetlora.flower.client_app` has the records).
 
+  A message carries every cohort client this site holds (one message per SuperNode and round);
+  they train one after the other, each exactly as in :func:`train`.
+
   Args:
-    content: the message's ``RecordDict``: ``adapter``, ``dense``, ``kernels``, ``task``.
+    content: the message's ``RecordDict``: ``task`` (``clients``, ``ranks``, ``round``,
+      ``config``), ``dense``, ``kernels`` and ``adapter.<client>`` for each client.
     node_config: the SuperNode's ``--node-config``.
 
   Returns:
-    A ``RecordDict``: ``adapter`` (the trained slots at the new rank), ``dense``, ``metrics``.
+    A ``RecordDict`` with, for each client, ``adapter.<client>`` (the trained slots at the new
+    rank), ``dense.<client>`` and ``metrics.<client>``.
 
   Raises:
-    ValueError: the site does not hold the task's client.
+    ValueError: the site does not hold one of the task's clients (checked before any training).
   """
   task = content["task"]
-  client, rank = int(task["client"]), int(task["rank"])
-  if client not in client_ids(node_config):
-    raise ValueError(f"this site does not hold client {client} (its node config: {dict(node_config)}).")
+  clients, ranks = [int(c) for c in task["clients"]], [int(r) for r in task["ranks"]]
+  foreign = sorted(set(clients) - set(client_ids(node_config)))
+  if foreign:
+    raise ValueError(f"this site does not hold client {', '.join(map(str, foreign))} "
+                     f"(its node config: {dict(node_config)}).")
   use_xla_cache(node_config)
   exp, train_one = build(str(task["config"]), str(node_config.get("model-dir", "")))
-  start = wire.adapter_from_record(content["adapter"], exp.global_lora, rank)
-  result, num_examples = train(exp, train_one, client, int(task["round"]), rank, start,
-                               wire.tree_from_record(content["dense"]), wire.tree_from_record(content["kernels"]))
-  new_rank = int(result.rank)
-  return RecordDict({
-      "adapter": wire.adapter_record(result.lora, new_rank, exp.method.local.trainable),
-      "dense": wire.tree_record(result.dense) if result.dense else ArrayRecord(),
-      "metrics": MetricRecord({
-          "client": client, "rank": new_rank, "loss": float(result.loss),
-          "examples": float(result.examples), "update_norm": float(result.update_norm),
-          "num_examples": num_examples}),
-  })
+  dense, kernels = wire.tree_from_record(content["dense"]), wire.tree_from_record(content["kernels"])
+  reply = RecordDict()
+  for client, rank in zip(clients, ranks):
+    start = wire.adapter_from_record(content[wire.client_key("adapter", client)], exp.global_lora, rank)
+    result, num_examples = train(exp, train_one, client, int(task["round"]), rank, start, dense, kernels)
+    new_rank = int(result.rank)
+    reply[wire.client_key("adapter", client)] = wire.adapter_record(result.lora, new_rank,
+                                                                    exp.method.local.trainable)
+    reply[wire.client_key("dense", client)] = wire.tree_record(result.dense) if result.dense else ArrayRecord()
+    reply[wire.client_key("metrics", client)] = MetricRecord({
+        "client": client, "rank": new_rank, "loss": float(result.loss),
+        "examples": float(result.examples), "update_norm": float(result.update_norm),
+        "num_examples": num_examples})
+  return reply

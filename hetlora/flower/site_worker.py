@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
 from multiprocessing import connection
 from pathlib import Path
@@ -110,7 +111,10 @@ def _handle(conn: connection.Connection, answer) -> None:
   except (EOFError, ConnectionError):
     return    # a probe (another worker checking the socket, stop_serving) or a ClientApp that died
   try:
-    reply = ("ok", _to_bytes(answer(_from_bytes(data), node_config)))
+    t0 = time.perf_counter()
+    content = _from_bytes(data)
+    reply = ("ok", _to_bytes(answer(content, node_config)))
+    log.info("trained clients %s in %.2f s", list(content["task"]["clients"]), time.perf_counter() - t0)
   except Exception as e:  # noqa: BLE001 - sent back to the ClientApp, which raises it
     log.exception("training failed")
     reply = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")

@@ -3,13 +3,17 @@
 One round (``play_round(exp)`` for :func:`hetlora.trainer.run`)::
 
     ranks, base, start = prepare(state, W0, cohort, key)        (hetlora.server.make_steps)
-    for k in cohort:  message(k) = start[k][:, :r_k], ...      (hetlora.flower.wire)
+    message(node) = {start[k][:, :r_k] for its cohort clients k}  (hetlora.flower.wire)
     replies = exchange(grid, messages, round_timeout)          (Flower Message API)
     result  = stack(pad(reply_k, r_max))                       [K, ..., r_max]
     state, result = finish(state, base, cohort, ranks, start, result, n, key, public)
 
-so sampling (:func:`hetlora.server.sample_cohort`), distribution, screening,
-the method's jitted aggregation and the server update are the in-process
+Each SuperNode gets one message a round holding all its cohort clients: a
+SuperNode takes its messages one at a time, each through a new
+``ClientApp`` process, so a message per client would queue a site's
+clients behind each other's start-up. Sampling
+(:func:`hetlora.server.sample_cohort`), distribution, screening, the
+method's jitted aggregation and the server update are the in-process
 simulation's own functions: the same seed, cohorts and data give the same
 global adapter. A client whose reply does not come back (its SuperNode
 left, its ``ClientApp`` raised, or ``round_timeout`` passed) is **missing**:
@@ -151,19 +155,22 @@ def play_round(grid: Grid, options: Options = Options()):
       dense = wire.tree_record(state.dense) if state.dense else ArrayRecord()
       kernels = (wire.tree_record(dense_lib.select(jax.device_get(base), kernel_pattern))
                  if changes_base else ArrayRecord())
-      messages, sent, down = [], [], []
+      adapters, down, at_node = [], [], {}
       for k, client in enumerate(cohort.tolist()):
-        adapter = wire.adapter_record(_slice(host_start, k), int(host_ranks[k]))
-        down.append(wire.payload_bytes(adapter, dense, kernels))
-        if client not in directory.node_of:
-          continue
-        task = ConfigRecord({"client": client, "round": r, "rank": int(host_ranks[k]), "config": config_json})
-        content = RecordDict({"adapter": adapter, "dense": dense, "kernels": kernels, "task": task})
-        messages.append(Message(content, dst_node_id=directory.node_of[client], message_type="train",
-                                group_id=str(r + 1)))
-        sent.append(k)
+        adapters.append(wire.adapter_record(_slice(host_start, k), int(host_ranks[k])))
+        down.append(wire.payload_bytes(adapters[k], dense, kernels))
+        if client in directory.node_of:
+          at_node.setdefault(directory.node_of[client], []).append(k)
+      messages = []
+      for node, positions in at_node.items():
+        task = ConfigRecord({"clients": [int(cohort[k]) for k in positions],
+                             "ranks": [int(host_ranks[k]) for k in positions],
+                             "round": r, "config": config_json})
+        content = RecordDict({"dense": dense, "kernels": kernels, "task": task, **{
+            wire.client_key("adapter", cohort[k]): adapters[k] for k in positions}})
+        messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(r + 1)))
       replies, _ = exchange(grid, messages, options.round_timeout, options.poll)
-      by_position = dict(zip(sent, replies))
+      by_position = {k: reply for positions, reply in zip(at_node.values(), replies) for k in positions}
       uploads, num_examples, up, missing = [], np.zeros(len(cohort), np.float32), [0] * len(cohort), {}
       for k, client in enumerate(cohort.tolist()):
         reply = by_position.get(k)
@@ -172,17 +179,17 @@ def play_round(grid: Grid, options: Options = Options()):
                              "no reply" if reply is None else reply.error.reason)
           uploads.append(_missing(_slice(host_start, k), host_ranks[k], state.dense))
           continue
-        metrics = reply.content["metrics"]
+        adapter, dense_up, metrics = (reply.content[wire.client_key(name, client)]
+                                      for name in ("adapter", "dense", "metrics"))
         rank = int(metrics["rank"])
-        lora = wire.adapter_from_record(reply.content["adapter"], _slice(host_start, k), rank,
+        lora = wire.adapter_from_record(adapter, _slice(host_start, k), rank,
                                         fallback_a=_slice(host_start, k) if parts == "b" else None)
-        dense_up = wire.tree_from_record(reply.content["dense"]) if state.dense else {}
         uploads.append(client_lib.ClientResult(
             lora=lora, rank=np.int32(rank), loss=np.float32(metrics["loss"]),
             examples=np.float32(metrics["examples"]), update_norm=np.float32(metrics["update_norm"]),
-            dense=dense_up))
+            dense=wire.tree_from_record(dense_up) if state.dense else {}))
         num_examples[k] = metrics["num_examples"]
-        up[k] = wire.payload_bytes(reply.content["adapter"], reply.content["dense"])
+        up[k] = wire.payload_bytes(adapter, dense_up)
       if missing:
         logging.warning("round %d: no upload from clients %s; the round aggregates the other %d.", r + 1,
                         {c: reason[:200] for c, reason in missing.items()}, len(cohort) - len(missing))
