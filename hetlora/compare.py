@@ -16,8 +16,11 @@ builds those configs from one config file: ``get_config`` with
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -48,6 +51,8 @@ def row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
       "accuracy_at_25pct": accuracy_at(summary["accuracy_by_round"], 0.25, rounds),
       "accuracy_at_50pct": accuracy_at(summary["accuracy_by_round"], 0.5, rounds),
       "comm_params_per_round": summary["total_comm_params"] / max(rounds, 1),
+      "mean_rank_start": float(np.mean(summary.get("initial_client_ranks", np.nan))),
+      "mean_rank_end": float(np.mean(summary.get("final_client_ranks", np.nan))),
       "train_seconds": summary["train_seconds"],
       "eval_seconds": summary.get("eval_seconds", float("nan")),
       "rounds": rounds,
@@ -57,11 +62,12 @@ def row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-  head = ("| run | method | final acc | acc @25% | acc @50% | uploaded params / round | train time (s) |\n"
-          "|---|---|---|---|---|---|---|\n")
+  head = ("| run | method | final acc | acc @25% | acc @50% | uploaded params / round | mean client rank, "
+          "start -> end | train time (s) |\n|---|---|---|---|---|---|---|---|\n")
   body = "".join(
       f"| {r['run']} | {r['method']} | {r['final_accuracy']:.4f} | {r['accuracy_at_25pct']:.4f} | "
-      f"{r['accuracy_at_50pct']:.4f} | {r['comm_params_per_round']:,.0f} | {r['train_seconds']:.0f} |\n"
+      f"{r['accuracy_at_50pct']:.4f} | {r['comm_params_per_round']:,.0f} | "
+      f"{r['mean_rank_start']:.2f} -> {r['mean_rank_end']:.2f} | {r['train_seconds']:.0f} |\n"
       for r in rows)
   return head + body
 
@@ -104,9 +110,44 @@ def load_config_module(path: str | Path):
   return module
 
 
+def parse_overrides(text: str) -> dict[str, Any]:
+  """``'a.b=3 c.d="x y"'`` -> ``{'a.b': 3, 'c.d': 'x y'}`` (Python literals, else strings).
+
+  Raises:
+    ValueError: an item is not ``key=value``.
+  """
+  out = {}
+  for item in shlex.split(text):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"config overrides item {item!r} must be key=value, e.g. server.rounds=3.")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+  """``'prune_off: method.kwargs.prune=False'`` -> ``('prune_off', {'method.kwargs.prune': False})``.
+
+  Raises:
+    ValueError: no ``name:`` prefix, a name that is not ``[A-Za-z0-9.-]+`` (it names a
+      folder and a table row), or a malformed override.
+  """
+  name, sep, overrides = text.partition(":")
+  name = name.strip()
+  if not sep or not re.fullmatch(r"[A-Za-z0-9.-]+", name):
+    raise ValueError(f"variant {text!r} must be 'name: field=value ...' with a name of letters, digits, "
+                     "'.' or '-', e.g. 'no-pruning: method.kwargs.prune=False'.")
+  return name, parse_overrides(overrides)
+
+
 def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | float],
-                   overrides: Mapping[str, Any] | None = None) -> dict[str, ml_collections.ConfigDict]:
-  """One locked config per ``(alpha, method)``, named ``<method>_alpha<alpha>``.
+                   overrides: Mapping[str, Any] | None = None,
+                   variants: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> dict[str, ml_collections.ConfigDict]:
+  """One locked config per ``(alpha, method[, variant])``, named ``<method>[_<variant>]_alpha<alpha>``.
 
   Args:
     config: ``path/to/config.py`` or ``path/to/config.py:arg``; ``get_config``
@@ -115,17 +156,22 @@ def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | f
     methods, alphas: the config's ``method=`` and ``alpha=`` values.
     overrides: flat ``{'server.rounds': 3}`` applied to every config, e.g.
       ``config_flags.get_override_values(FLAGS['config'])``.
+    variants: ``{name: flat overrides}`` for ablations: every method then runs once per
+      variant, its overrides applied after ``overrides`` (e.g. ``{'gamma0.9':
+      {'method.kwargs.gamma': 0.9}}``); ``None``: one run per method, no suffix.
   """
   path, _, arg = config.partition(":")
   module = load_config_module(path)
   out = {}
   for alpha in alphas:
     for method in methods:
-      c = module.get_config(",".join(filter(None, [arg, f"method={method}", f"alpha={alpha}"])))
-      if overrides:
-        c.update_from_flattened_dict(dict(overrides))
-      c.lock()
-      out[f"{method}_alpha{alpha}"] = c
+      for variant, changes in (variants or {"": {}}).items():
+        c = module.get_config(",".join(filter(None, [arg, f"method={method}", f"alpha={alpha}"])))
+        for flat in (overrides, changes):
+          if flat:
+            c.update_from_flattened_dict(dict(flat))
+        c.lock()
+        out["_".join(filter(None, [method, variant, f"alpha{alpha}"]))] = c
   return out
 
 

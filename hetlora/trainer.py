@@ -454,6 +454,7 @@ def _summary(config, exp, state, history) -> dict[str, Any]:
       "total_comm_params": int(sum(row["comm_params"] for row in rounds)),
       "train_seconds": float(sum(row["time"]["round_s"] for row in rounds)),
       "eval_seconds": float(sum(row["time"].get("eval_s", 0.0) for row in history)),
+      "initial_client_ranks": np.asarray(exp.init_state.client_ranks).tolist(),
       "final_client_ranks": np.asarray(state.client_ranks).tolist(),
       "num_train_examples": int(len(next(iter(exp.train.values())))),   # any column: [N, ...]
       "num_test_examples": int(len(next(iter(exp.test.values())))),

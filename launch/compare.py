@@ -6,11 +6,16 @@
 
 runs every method (HetLoRA, zero-padding, HomLoRA at the smallest and the
 largest rank, HeLoRA-Pad, FlexLoRA, FLoRA, FFA-LoRA, HeLoRA-KD) at Dirichlet
-0.5 and 0.1; ``--methods`` and ``--alphas`` pick a subset.
+0.5 and 0.1; ``--methods`` and ``--alphas`` pick a subset. Ablations: each
+``--variant`` runs every method again with some fields changed::
+
+  python launch/compare.py --config configs/mnist_vit.py:cpu --methods hetlora --alphas 0.5 \
+      --variant "no-pruning: method.kwargs.prune=False" --variant "gamma0.9: method.kwargs.gamma=0.9" \
+      --out /tmp/ablation
 
 Flags: ``--config`` (a config file, optionally ``:arg`` such as ``:cpu`` or
 ``:runlocal``), any ``--config.<field>=<value>`` override, ``--methods``,
-``--alphas``, ``--out``, ``--dry_run``. For each alpha and method the config
+``--alphas``, ``--variant``, ``--out``, ``--dry_run``. For each alpha and method the config
 file's ``get_config`` runs again with ``method=<m>,alpha=<a>`` added to
 ``arg``, then the ``--config.<field>`` overrides are applied on top.
 
@@ -49,6 +54,9 @@ _METHODS = flags.DEFINE_list(
 _ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.1"], "Dirichlet alphas (the config's alpha=).")
 _OUT = flags.DEFINE_string("out", "results/compare", "Output directory.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs' configs as JSON and train nothing.")
+_VARIANTS = flags.DEFINE_multi_string(
+    "variant", [], "An ablation, 'name: field=value ...' (repeatable): every method then runs once per "
+    "variant with those fields set, named <method>_<name>_alpha<a>.")
 
 
 def provenance() -> dict:
@@ -86,8 +94,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.<field>=<value>.")
   logging.set_verbosity(logging.WARNING)
   flag = flags.FLAGS[_CONFIG.name]
+  variants = dict(map(compare.parse_variant, _VARIANTS.value)) or None
   configs = compare.method_configs(config_flags.get_config_filename(flag), _METHODS.value, _ALPHAS.value,
-                                   config_flags.get_override_values(flag))
+                                   config_flags.get_override_values(flag), variants)
   if _DRY_RUN.value:
     print(json.dumps({name: c.to_dict() for name, c in configs.items()}, indent=2, default=str))
     return

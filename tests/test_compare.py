@@ -21,11 +21,13 @@ def test_accuracy_at_fraction_of_rounds():
 
 def test_row_and_markdown():
   summary = {"rounds": 4, "method": "hetlora", "final_test_accuracy": 0.5, "accuracy_by_round": [(2, 0.25), (4, 0.5)],
-             "total_comm_params": 4000, "train_seconds": 12.0}
+             "total_comm_params": 4000, "train_seconds": 12.0, "initial_client_ranks": [8, 4, 2, 2],
+             "final_client_ranks": [6, 3, 2, 1]}
   r = compare.row("hetlora_alpha0.1", summary)
   assert r["comm_params_per_round"] == 1000 and r["accuracy_at_50pct"] == 0.25
   table = compare.markdown([r])
   assert table.count("\n") == 3 and "| hetlora_alpha0.1 | hetlora | 0.5000 |" in table
+  assert "| 1,000 | 4.00 -> 3.00 | 12 |" in table
 
 
 FAKE_CONFIG = '''
@@ -56,6 +58,22 @@ def test_method_configs_rerun_get_config_then_apply_overrides(tmp_path):
     compare.method_configs(str(tmp_path / "missing.py"), ["hetlora"], ["0.5"])
 
 
+def test_variants_run_every_method_again_with_their_fields(tmp_path):
+  path = tmp_path / "fake.py"
+  path.write_text(FAKE_CONFIG)
+  variants = dict(map(compare.parse_variant, ["short: server.rounds=4", "flex.1: method.name='flexlora' "
+                                                                         "server.rounds=5"]))
+  assert variants == {"short": {"server.rounds": 4}, "flex.1": {"method.name": "flexlora", "server.rounds": 5}}
+  configs = compare.method_configs(f"{path}:cpu", ["hetlora"], ["0.5"], {"server.rounds": 3}, variants)
+  assert list(configs) == ["hetlora_short_alpha0.5", "hetlora_flex.1_alpha0.5"]
+  assert configs["hetlora_short_alpha0.5"].server.rounds == 4      # the variant wins over --config.
+  assert (configs["hetlora_flex.1_alpha0.5"].method.name, configs["hetlora_flex.1_alpha0.5"].server.rounds) == (
+      "flexlora", 5)
+  for bad in ("server.rounds=4", "a b: server.rounds=4", "x/y: server.rounds=4", "ok: server.rounds"):
+    with pytest.raises(ValueError):
+      compare.parse_variant(bad)
+
+
 SUMMARY = {"rounds": 2, "method": "hetlora", "final_test_accuracy": 0.5, "accuracy_by_round": [(1, 0.4), (2, 0.5)],
            "total_comm_params": 10, "train_seconds": 1.0}
 
@@ -75,13 +93,15 @@ def test_launcher_takes_config_overrides(tmp_path):
   out = subprocess.run(
       [sys.executable, str(REPO / "launch" / "compare.py"), "--config", "configs/banking77.py:cpu",
        "--config.server.rounds=3", "--methods", "hetlora,flexlora", "--alphas", "0.1", "--out", str(tmp_path),
+       "--variant", "plain: server.rounds=3", "--variant", "longer: server.rounds=4",
        "--dry_run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   configs = json.loads(out.stdout)
-  assert sorted(configs) == ["flexlora_alpha0.1", "hetlora_alpha0.1"]
+  assert sorted(configs) == ["flexlora_longer_alpha0.1", "flexlora_plain_alpha0.1", "hetlora_longer_alpha0.1",
+                             "hetlora_plain_alpha0.1"]
   for name, c in configs.items():
-    assert c["method"]["name"] == name.split("_alpha")[0]
-    assert c["server"]["rounds"] == 3                # the override
+    assert c["method"]["name"] == name.split("_")[0]
+    assert c["server"]["rounds"] == (4 if "longer" in name else 3)     # the override, then the variant
     assert c["data"]["dirichlet_alpha"] == 0.1
     assert c["model"]["max_len"] == 32               # ':cpu' reached get_config
   assert list(tmp_path.iterdir()) == []              # a dry run trains and writes nothing

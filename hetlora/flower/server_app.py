@@ -22,8 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import ast
-import shlex
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,24 +38,6 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 app = ServerApp()
 
 
-def parse_overrides(text: str) -> dict[str, Any]:
-  """``'a.b=3 c.d="x y"'`` -> ``{'a.b': 3, 'c.d': 'x y'}`` (Python literals, else strings).
-
-  Raises:
-    ValueError: an item is not ``key=value``.
-  """
-  out = {}
-  for item in shlex.split(text):
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"run config overrides item {item!r} must be key=value, e.g. server.rounds=3.")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
 def load_config(run_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The experiment config the run config names, with its overrides applied.
 
@@ -72,7 +52,7 @@ def load_config(run_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   if not Path(path).is_file() and (REPOSITORY / path).is_file():
     path = str(REPOSITORY / path)
   config = compare.load_config_module(path).get_config(arg or None)
-  config.update_from_flattened_dict(parse_overrides(str(run_config.get("overrides", ""))))
+  config.update_from_flattened_dict(compare.parse_overrides(str(run_config.get("overrides", ""))))
   return config
 
 
