@@ -197,6 +197,29 @@ def test_flower_rounds_give_the_in_process_global_adapter(tiny_exp):
                for r, b in zip(ranks, extra["bytes_down"]))
 
 
+class _Forgetful(Loopback):
+  """A grid whose sites reply without one client's metrics (a site running other code)."""
+
+  def __init__(self, node_configs, client):
+    super().__init__(node_configs)
+    self.client = client
+
+  def push_messages(self, messages):
+    ids = super().push_messages(messages)
+    for reply in self.replies.values():
+      reply.content.pop(wire.client_key("metrics", self.client), None)
+    return ids
+
+
+def test_a_reply_without_a_clients_records_counts_it_missing(tiny_exp):
+  cohort = server.sample_cohort(tiny_exp.config.seed, 0, 3, 2)
+  forgotten = int(cohort[1])
+  state, extras = _over_grid(tiny_exp, _Forgetful(_nodes(3), forgotten), 1)
+  _, result, extra = extras[0]
+  assert extra["missing_clients"] == [forgotten] and np.asarray(result.included).tolist() == [True, False]
+  assert int(state.client_ranks[forgotten]) == int(tiny_exp.init_state.client_ranks[forgotten])
+
+
 def test_a_site_gets_one_message_a_round_for_all_its_clients(tiny_exp):
   """One SuperNode holds every client: each round is one train message, and the same adapter."""
   grid = Loopback({100: {"client-ids": "0,1,2"}})

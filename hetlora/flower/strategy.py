@@ -174,13 +174,13 @@ def play_round(grid: Grid, options: Options = Options()):
       uploads, num_examples, up, missing = [], np.zeros(len(cohort), np.float32), [0] * len(cohort), {}
       for k, client in enumerate(cohort.tolist()):
         reply = by_position.get(k)
-        if reply is None or reply.has_error():
-          missing[client] = ("no SuperNode holds it" if k not in by_position else
-                             "no reply" if reply is None else reply.error.reason)
+        keys = [wire.client_key(name, client) for name in ("adapter", "dense", "metrics")]
+        reason = _why_missing(reply, k in by_position, keys)
+        if reason:
+          missing[client] = reason
           uploads.append(_missing(_slice(host_start, k), host_ranks[k], state.dense))
           continue
-        adapter, dense_up, metrics = (reply.content[wire.client_key(name, client)]
-                                      for name in ("adapter", "dense", "metrics"))
+        adapter, dense_up, metrics = (reply.content[key] for key in keys)
         rank = int(metrics["rank"])
         lora = wire.adapter_from_record(adapter, _slice(host_start, k), rank,
                                         fallback_a=_slice(host_start, k) if parts == "b" else None)
@@ -201,6 +201,21 @@ def play_round(grid: Grid, options: Options = Options()):
     return play
 
   return build
+
+
+def _why_missing(reply: Message | None, sent: bool, keys: list[str]) -> str | None:
+  """Why a cohort client's upload is not in ``reply`` (``None``: it is there).
+
+  ``sent``: a message went to a SuperNode holding the client; ``keys``: its records in the reply.
+  """
+  if not sent:
+    return "no SuperNode holds it"
+  if reply is None:
+    return "no reply"
+  if reply.has_error():
+    return reply.error.reason
+  absent = [key for key in keys if key not in reply.content]
+  return f"the site's reply lacks {absent}" if absent else None
 
 
 def _missing(start: Any, rank: int, dense: Any) -> client_lib.ClientResult:
