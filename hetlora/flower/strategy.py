@@ -16,7 +16,8 @@ clients behind each other's start-up. Sampling
 method's jitted aggregation and the server update are the in-process
 simulation's own functions: the same seed, cohorts and data give the same
 global adapter. A client whose reply does not come back (its SuperNode
-left, its ``ClientApp`` raised, or ``round_timeout`` passed) is **missing**:
+left, its ``ClientApp`` raised, or ``round_timeout`` passed), or whose
+site's reply lacks its records, is **missing**:
 it counts as an excluded upload (no weight, its rank kept, the round
 aggregates the others; with none left the state is kept), is logged, and
 the round's metrics record ``missing`` and ``missing_clients``. Metrics also
