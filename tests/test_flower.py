@@ -9,6 +9,7 @@ processes on localhost).
 """
 
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -197,6 +198,22 @@ def test_flower_rounds_give_the_in_process_global_adapter(tiny_exp):
                for r, b in zip(ranks, extra["bytes_down"]))
 
 
+@pytest.mark.parametrize("method", ["flora", "ffa_lora"])
+def test_methods_that_send_kernels_or_upload_b_alone_give_the_in_process_rounds(tiny_model_dirs, method):
+  """FLoRA's messages carry the merged base kernels; FFA-LoRA's clients upload ``b`` alone."""
+  config = _config(tiny_model_dirs["bert_classifier"], method)
+  config.client.backend = "sequential"
+  if method == "ffa_lora":
+    config.lora.rank_choices = (8,)
+  exp = experiment.build(config)
+  state, extras = _over_grid(exp, Loopback(_nodes(3)), ROUNDS)
+  assert _max_diff(_in_process(exp, ROUNDS), state) < 1e-5
+  _, _, extra = extras[0]
+  print(f"{method}: bytes down {extra['bytes_down']}, up {extra['bytes_up']}")
+  if method == "ffa_lora":
+    assert all(up < down for up, down in zip(extra["bytes_up"], extra["bytes_down"]))
+
+
 class _Forgetful(Loopback):
   """A grid whose sites reply without one client's metrics (a site running other code)."""
 
@@ -292,7 +309,6 @@ class _SlowPush:
     self.seconds, self.replies = seconds, {}
 
   def push_messages(self, messages):
-    import time
     time.sleep(self.seconds)
     for m in messages:
       m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
