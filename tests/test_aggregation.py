@@ -69,6 +69,25 @@ def test_zero_pad_and_fedavg_match_reference():
     _assert_tree_close(fn(tree, *_args(ranks, n, np.ones(4))), want)
 
 
+def test_hetlora_without_sparsity_weighting_averages_by_examples_and_keeps_its_local_rule():
+  """The step-3 ablation: p_k = n_k / sum n over the zero-padded factors; regulariser and pruning stay."""
+  ranks, n = [1, 3, 5, 2], [10, 1, 4, 7]
+  scales = [ref.scale(r, 8.0, "alpha/r", R_MAX) for r in ranks]
+  tree = _clients(6, ranks)
+  p = np.array(n) / np.sum(n)
+  want = {}
+  for name in tree:
+    a, b = ref.weighted_average_padded(tree[name]["a"], tree[name]["b"], ranks, p, R_MAX)
+    want[name] = {"a": a, "b": b}
+  ablated = hetlora.make(sparsity_weighting=False)
+  _assert_tree_close(ablated.aggregate(tree, *_args(ranks, n, scales)), want)
+  weighted = hetlora.make().aggregate(tree, *_args(ranks, n, scales))
+  assert not np.allclose(np.asarray(weighted["q"]["a"]), want["q"]["a"], atol=1e-3)
+  assert ablated.local.penalty is not None and ablated.local.next_rank is not None
+  with pytest.raises(ValueError, match="per_module.*sparsity_weighting=False"):
+    hetlora.make(sparsity_weighting=False, per_module=True)
+
+
 def test_norms_come_from_gram_matrices():
   ranks = [2, 5]
   scales = [0.5, 3.0]

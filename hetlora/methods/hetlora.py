@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from hetlora import aggregation
 from hetlora import lora as lora_lib
 from hetlora.methods import base
+from hetlora.methods import zero_pad
 
 LoRA = lora_lib.LoRA
 
@@ -119,7 +120,8 @@ def local(lam: float = 0.0, gamma: float = 0.99, prune: bool = False, r_min: int
 
 
 def make(lam: float = 1e-3, gamma: float = 0.99, prune: bool = True, r_min: int = 1,
-         per_module: bool = False, use_num_examples: bool = False) -> base.Method:
+         per_module: bool = False, use_num_examples: bool = False,
+         sparsity_weighting: bool = True) -> base.Method:
   """HetLoRA with its options.
 
   Args:
@@ -129,6 +131,10 @@ def make(lam: float = 1e-3, gamma: float = 0.99, prune: bool = True, r_min: int 
     prune: apply the self-pruning decision.
     r_min: ranks never fall below this (from ``config.lora.r_min``).
     per_module, use_num_examples: see :func:`aggregate`.
+    sparsity_weighting: aggregate by :func:`aggregate` (step 3); ``False``
+      averages the zero-padded factors by example count instead
+      (``p_k = n_k / sum n``, the zero-padding baseline's rule), the
+      ablation of step 3 with the local objective kept.
   """
   if not 0.0 < gamma <= 1.0:
     raise ValueError(f"method.kwargs.gamma={gamma} must be in (0, 1], e.g. 0.99.")
@@ -136,10 +142,14 @@ def make(lam: float = 1e-3, gamma: float = 0.99, prune: bool = True, r_min: int 
     raise ValueError(f"method.kwargs.lam={lam} must be >= 0 (0 turns the regulariser off).")
   if r_min < 1:
     raise ValueError(f"method.kwargs.r_min={r_min} must be >= 1.")
-  return base.Method(
-      name="hetlora",
-      aggregate=functools.partial(aggregate, per_module=per_module, use_num_examples=use_num_examples),
-      local=local(lam, gamma, prune, r_min))
+  if sparsity_weighting:
+    rule = functools.partial(aggregate, per_module=per_module, use_num_examples=use_num_examples)
+  elif per_module or use_num_examples:
+    raise ValueError("method.kwargs.per_module and use_num_examples shape the sparsity weights; "
+                     "they have no effect with sparsity_weighting=False: drop them or turn it on.")
+  else:
+    rule = zero_pad.aggregate
+  return base.Method(name="hetlora", aggregate=rule, local=local(lam, gamma, prune, r_min))
 
 
 def run_options(run: base.Run) -> dict:
