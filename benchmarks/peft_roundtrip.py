@@ -1,6 +1,7 @@
 """Our PEFT export, loaded by the real consumer: transformers + PEFT (CPU torch) vs our JAX model.
 
-For each model (a tiny random BERT, all-MiniLM-L6-v2, a tiny random Llama,
+For each model (a tiny random BERT, a tiny random RoBERTa (``RobertaModel``:
+positions shifted past the padding id), all-MiniLM-L6-v2, a tiny random Llama,
 SmolLM2-135M-Instruct from its Q4_1 GGUF) it builds a random adapter on every
 linear projection with a different rank per module (``a`` and ``b`` nonzero),
 exports it with :mod:`hetlora.export.peft`, and in a separate torch venv runs
@@ -156,6 +157,7 @@ def case_bert(name: str, model_dir: Path, rule: str, rng) -> dict:
   ids = rng.integers(5, min(config.vocab_size, 1000), (2, 12)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[1, 9:] = 0
+  ids[1, 9:] = config.pad_token_id
   model = bert.BertModel(config)
   ours = lambda lora: np.asarray(model.apply({"params": params, "lora": lora}, ids, mask))
   classifier = bert.BertClassifier(config, HEAD_LABELS, pooling="mean")
@@ -261,6 +263,8 @@ def main() -> int:
     makers = {
         "tiny-bert (alpha/r)": lambda: case_bert("tiny-bert", testing.write_tiny_bert(work / "tb"),
                                                  "alpha/r", rng),
+        "tiny-roberta (alpha/r)": lambda: case_bert("tiny-roberta", testing.write_tiny_roberta(work / "tr"),
+                                                    "alpha/r", rng),
         "all-MiniLM-L6-v2 (rslora)": lambda: case_bert("minilm", files.resolve("all-minilm-l6-v2"),
                                                        "rslora", rng),
         "tiny-llama (alpha/r_max)": lambda: case_llama("tiny-llama", testing.write_tiny_llama(work / "tl"),

@@ -24,6 +24,8 @@ Commands:
   python launch/train.py --config configs/banking77.py:method=hetlora,alpha=0.1,cpu --workdir wd/b77cpu
   # smoke test
   python launch/train.py --config configs/banking77.py:runlocal --workdir /tmp/b77
+  # the paper's setting (frozen head) for the main methods, MiniLM or a local RoBERTa-base dir (GPU)
+  launch/lora_a2.sh results/lora_a2 /path/to/roberta-base
 Data: ../shared/data/banking77 (train.csv/test.csv); ``data_dir=...`` to override.
 Measured results: docs/results.md (written by launch/compare.py and benchmarks/results_page.py).
 """

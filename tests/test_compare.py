@@ -105,3 +105,35 @@ def test_launcher_takes_config_overrides(tmp_path):
     assert c["data"]["dirichlet_alpha"] == 0.1
     assert c["model"]["max_len"] == 32               # ':cpu' reached get_config
   assert list(tmp_path.iterdir()) == []              # a dry run trains and writes nothing
+
+
+def _lora_a2(out, *flags, arg=""):
+  env = {**os.environ, "PYTHON": sys.executable, "LORA_A2_ARG": arg,
+         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+  return subprocess.run(["bash", str(REPO / "launch" / "lora_a2.sh"), str(out), *flags], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_lora_a2_command_is_the_full_setting_for_the_main_methods(tmp_path):
+  out = _lora_a2(tmp_path / "a2", "/models/roberta-base", "--dry_run")
+  assert out.returncode == 0, out.stderr[-3000:]
+  configs = json.loads(out.stdout)
+  assert sorted(configs) == sorted(f"{m}_alpha{a}" for m in ("hetlora", "zero_pad", "homlora_min", "homlora_max",
+                                                             "ffa_lora", "flexlora") for a in ("0.5", "0.1"))
+  for c in configs.values():
+    assert (c["model"]["head"], c["model"]["dtype"], c["model"]["name"]) == ("frozen", "bfloat16",
+                                                                            "/models/roberta-base")
+    assert (c["server"]["rounds"], c["client"]["local_epochs"], c["data"]["num_clients"],
+            c["server"]["clients_per_round"]) == (50, 5.0, 30, 30)
+
+
+def test_lora_a2_command_trains_a_tiny_roberta_on_banking77(tmp_path, shared_dir):
+  from hetlora.models import testing
+  model = testing.write_tiny_roberta(tmp_path / "roberta")
+  out = _lora_a2(tmp_path / "a2", str(model), "--methods", "hetlora", "--alphas", "0.5",
+                 "--config.model.dtype=float32", "--config.server.rounds=1", arg="runlocal")
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((tmp_path / "a2" / "results.json").read_text())["summaries"]["hetlora_alpha0.5"]
+  assert summary["rounds"] == 1 and 0.0 <= summary["final_test_accuracy"] <= 1.0
+  config = json.loads((tmp_path / "a2" / "hetlora_alpha0.5" / "config.json").read_text())
+  assert config["model"]["name"] == str(model) and config["model"]["head"] == "frozen"

@@ -7,7 +7,11 @@ transformer layers::
 
 as used by MiniLM checkpoints such as ``all-MiniLM-L6-v2`` (Wang et al., 2020,
 arXiv:2002.10957; Reimers & Gurevych, 2019, arXiv:1908.10084 for the
-mean-pooled sentence embedding).
+mean-pooled sentence embedding) and by RoBERTa (Liu et al., 2019,
+arXiv:1907.11692; ``model_type: roberta``), which is the same encoder with
+its position ids shifted past the padding id (``position_offset =
+pad_token_id + 1``, as ``transformers``' ``RobertaEmbeddings`` numbers the
+tokens of a right-padded row) and one token type.
 
 Every projection (attention query/key/value/output, MLP intermediate/output,
 classifier head) is a :class:`hetlora.models.layers.LoRADense` with a 2-D
@@ -45,7 +49,7 @@ import jax.numpy as jnp
 from hetlora.models import segments
 from hetlora.models.layers import LoRADense
 
-SUPPORTED_MODEL_TYPES = ("bert",)
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
@@ -71,6 +75,7 @@ class BertConfig:
   attention_probs_dropout_prob: float = 0.1
   initializer_range: float = 0.02
   pad_token_id: int = 0
+  position_offset: int = 0     # RoBERTa: pad_token_id + 1 (its token i has position id offset + i)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -80,6 +85,11 @@ class BertConfig:
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(
           f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+
+  @property
+  def max_tokens(self) -> int:
+    """Tokens an example may hold: the position table less the ids reserved before it."""
+    return self.max_position_embeddings - self.position_offset
 
   @property
   def head_dim(self) -> int:
@@ -101,8 +111,10 @@ class BertConfig:
     if pos != "absolute":
       raise ValueError(f"{source}: position_embedding_type={pos!r} is not supported; "
                        "only 'absolute' is.")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - {"position_offset"}
     kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+    if model_type == "roberta":
+      kwargs["position_offset"] = int(hf.get("pad_token_id", 1)) + 1
     return cls(**kwargs)
 
   @classmethod
@@ -119,7 +131,8 @@ class BertConfig:
 class BertEmbeddings(nn.Module):
   """Word + position + token-type embeddings, then LayerNorm: ``[B, L] -> [B, L, H]``.
 
-  Positions are ``0..L-1`` unless ``positions: int[B, L]`` is given (packed rows).
+  Positions are ``0..L-1`` unless ``positions: int[B, L]`` is given (packed
+  rows); the position embedding read is ``position_offset`` further on.
   """
   config: BertConfig
   dtype: Any = jnp.float32
@@ -128,16 +141,17 @@ class BertEmbeddings(nn.Module):
   def __call__(self, input_ids, token_type_ids, deterministic: bool = True, positions=None):
     cfg = self.config
     seq_len = input_ids.shape[-1]
-    if seq_len > cfg.max_position_embeddings:
-      raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings="
-                       f"{cfg.max_position_embeddings}; truncate inputs (tokenizer max_len).")
+    if seq_len > cfg.max_tokens:
+      raise ValueError(f"sequence length {seq_len} exceeds the model's {cfg.max_tokens} positions "
+                       f"(max_position_embeddings={cfg.max_position_embeddings}, {cfg.position_offset} "
+                       "reserved); truncate inputs (config.model.max_len).")
     init = nn.initializers.normal(cfg.initializer_range)
     embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=self.dtype,
                                      embedding_init=init, name=name)
     x = embed(cfg.vocab_size, "word_embeddings")(input_ids)
     if positions is None:
       positions = jnp.arange(seq_len)[None]
-    x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+    x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions + cfg.position_offset)
     x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -219,7 +233,9 @@ def _encode(config, dtype, input_ids, attention_mask, token_type_ids, determinis
   """Embeddings + encoder stack, built inside the caller's compact scope.
 
   With ``segment_ids`` (packed rows) attention stays within a segment and
-  ``attention_mask`` is not read.
+  ``attention_mask`` is not read. Under a ``position_offset`` (RoBERTa) the
+  real tokens count from 0 and padding takes position ``-1`` (the embedding
+  row ``pad_token_id``), as ``transformers`` numbers them.
   """
   if token_type_ids is None:
     token_type_ids = jnp.zeros_like(input_ids)
@@ -228,6 +244,8 @@ def _encode(config, dtype, input_ids, attention_mask, token_type_ids, determinis
   else:
     mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
     visible = mask[:, None, :].astype(bool)
+    if config.position_offset:   # RoBERTa numbers real tokens from 0 and gives padding the id before
+      positions = jnp.cumsum(mask, axis=-1) * mask - 1
   x = BertEmbeddings(config, dtype, name="embeddings")(input_ids, token_type_ids, deterministic, positions)
   return BertStack(config, dtype, name="encoder")(x, visible, deterministic)
 

@@ -52,7 +52,7 @@ def load(model_config, *, num_labels: int | None, key: jax.Array) -> Loaded:
   max_len_of(model_config)  # fail before loading; the position limit is checked after
   with model_errors(name, KIND):
     config, encoder = bert_loading.load_bert(name)
-  default_len = max_len_of(model_config, limit=config.max_position_embeddings)
+  default_len = max_len_of(model_config, limit=config.max_tokens)
   with model_errors(name, KIND):
     tok = tokenizer_lib.load_tokenizer(name, max_len=default_len)
   pad_id = tokenizer_lib.pad_id_of(tok)
@@ -63,7 +63,7 @@ def load(model_config, *, num_labels: int | None, key: jax.Array) -> Loaded:
   def prepare(dataset, max_len: int | None = None):
     check_dataset(dataset, TextDataset, KIND, TASK)
     n = default_len if max_len is None else max_len_of(
-        {"max_len": max_len}, limit=config.max_position_embeddings)
+        {"max_len": max_len}, limit=config.max_tokens)
     encode_fn = functools.partial(tokenizer_lib.encode, tok, max_len=n, pad_id=pad_id)
     return tokenize_dataset(dataset, encode_fn, n, pad_id=pad_id)
 

@@ -2,7 +2,8 @@
 
 HF stores ``nn.Linear`` weights as ``[out, in]``; Flax kernels are
 ``[in, out]``, so linear weights are transposed. Names may carry a ``bert.``
-prefix (``BertFor*`` checkpoints). Unused tensors (pooler, ``position_ids``,
+or ``roberta.`` prefix (``BertFor*``, ``RobertaFor*`` checkpoints); RoBERTa
+has the same tensors under the same names. Unused tensors (pooler, ``position_ids``,
 task heads) are ignored. No hub calls: the directory is a local path or a
 known package model (:func:`hetlora.models.files.resolve`).
 """
@@ -72,6 +73,8 @@ LAYER_LINEARS = {
 }
 _OUR_LAYER = re.compile(r"encoder/layer_(\d+)/(.+)")
 _HF_LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+# Task-model checkpoints nest the encoder under the family's name.
+PREFIXES = ("bert.", "roberta.")
 
 
 def hf_module_name(path: str) -> str | None:
@@ -90,8 +93,10 @@ def hf_module_name(path: str) -> str | None:
 
 
 def flax_module_path(name: str) -> str | None:
-  """The inverse of :func:`hf_module_name` (a ``bert.`` prefix is ignored), or ``None``."""
-  match = _HF_LAYER.fullmatch(name.removeprefix("bert."))
+  """The inverse of :func:`hf_module_name` (a ``bert.`` or ``roberta.`` prefix is ignored), or ``None``."""
+  for prefix in PREFIXES:
+    name = name.removeprefix(prefix)
+  match = _HF_LAYER.fullmatch(name)
   ours = {hf: o for o, hf in LAYER_LINEARS.items()}
   if not match or match.group(2) not in ours:
     return None
@@ -150,8 +155,8 @@ def load_bert(model: str | os.PathLike, dtype: Any = None) -> tuple[BertConfig, 
   weights = _require(directory, WEIGHTS_FILE, "the model weights in safetensors format")
   mapping = _hf_names(config)
   wanted = {name for name, _ in mapping.values()}
-  tensors = read_safetensors(weights, names=wanted | {"bert." + n for n in wanted})
-  prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+  tensors = read_safetensors(weights, names=wanted | {p + n for p in PREFIXES for n in wanted})
+  prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in tensors)), "")
   missing = sorted(prefix + n for n in wanted if prefix + n not in tensors)
   if missing:
     raise ValueError(

@@ -37,6 +37,7 @@ from hetlora.models.vit_testing import write_tiny_vit
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]   # RoBERTa's ids 0..4
 LLAMA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 TINY_SYSTEM = "You are a tiny test model."
 # SmolLM2's ChatML template with a shorter default system turn.
@@ -82,6 +83,25 @@ def write_tiny_bert(directory: str | os.PathLike, *, hidden: int = 32, layers: i
         "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
         "intermediate_size": intermediate, "max_position_embeddings": max_positions,
         "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0}
+  return write_bert(directory, hf, tok, seed=seed)
+
+
+def write_tiny_roberta(directory: str | os.PathLike, *, hidden: int = 32, layers: int = 2,
+                       heads: int = 4, intermediate: int = 64, vocab_size: int = 256,
+                       max_positions: int = 66, seed: int = 0) -> Path:
+  """A random RoBERTa encoder (``<s> text </s>``, pad id 1, one token type); returns the directory.
+
+  ``max_positions`` counts the two position ids RoBERTa reserves (``pad_token_id + 1``).
+  """
+  tok = char_tokenizer(ROBERTA_SPECIALS, "<unk>")
+  tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+  if tok.get_vocab_size() > vocab_size:
+    raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {tok.get_vocab_size()}.")
+  hf = {"model_type": "roberta", "architectures": ["RobertaModel"], "vocab_size": vocab_size,
+        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "intermediate_size": intermediate, "max_position_embeddings": max_positions,
+        "type_vocab_size": 1, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "pad_token_id": 1,
+        "bos_token_id": 0, "eos_token_id": 2}
   return write_bert(directory, hf, tok, seed=seed)
 
 
