@@ -3,7 +3,8 @@
 ``compare(configs, out_dir)`` runs :func:`hetlora.trainer.run` for each named
 config (same seed, clients, ranks and budget, by construction of the
 configs), then writes ``results.md`` (a Markdown table; for multiple-choice data a
-second one of per-task accuracy, the base model first), ``results.json``
+second one of per-task accuracy, the base model first; then clients per rank
+by round for the runs whose ranks change), ``results.json``
 and ``accuracy.png`` (test accuracy vs round, one line per run) to
 ``out_dir`` (process 0 only, on several hosts). Runs already finished in
 ``out_dir/<name>`` are resumed, not redone.
@@ -94,6 +95,32 @@ def task_markdown(rows: list[dict[str, Any]]) -> str:
   body += "".join(line(r["run"], r["method"], r["by_task"], f"{r['train_seconds']:.0f} / {r['eval_seconds']:.0f}")
                   for r in rows)
   return head + body
+
+
+def rank_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+  """Clients per rank, at the start and after every round whose counts changed, for each run whose
+  ranks change (self-pruning); one line names the runs whose ranks never change."""
+  changed, still = [], []
+  for name, s in summaries.items():
+    by_round = s.get("rank_counts_by_round") or []
+    (changed if len({json.dumps(c) for _, c in by_round}) > 1 else still).append(name)
+  parts = []
+  for name in changed:
+    by_round = summaries[name]["rank_counts_by_round"]
+    ranks = sorted({int(k) for _, counts in by_round for k in counts})
+    parts.append(f"{name}: clients per rank\n\n| round | " + " | ".join(f"r={r}" for r in ranks)
+                 + " | mean rank |\n|" + "---|" * (len(ranks) + 2) + "\n")
+    previous = None
+    for i, (rnd, counts) in enumerate(by_round):
+      if counts == previous and i != len(by_round) - 1:
+        continue
+      n = [counts.get(str(r), 0) for r in ranks]
+      mean = sum(r * c for r, c in zip(ranks, n)) / max(sum(n), 1)
+      parts[-1] += f"| {rnd} | " + " | ".join(str(c) for c in n) + f" | {mean:.2f} |\n"
+      previous = counts
+  if still:
+    parts.append("No client's rank changed in: " + ", ".join(still) + ".\n")
+  return "\n".join(parts)
 
 
 def load_config_module(path: str | Path):
@@ -190,7 +217,7 @@ def compare(configs: Mapping[str, ml_collections.ConfigDict], out_dir: str | Pat
     (out_dir / "results.json").write_text(
         json.dumps({**dict(record or {}), "rows": rows, "summaries": summaries}, indent=2))
     tables = markdown(rows) + ("\n" + task_markdown(rows) if any(r["by_task"] for r in rows) else "")
-    (out_dir / "results.md").write_text(tables)
+    (out_dir / "results.md").write_text(tables + "\n" + rank_markdown(summaries))
     _plot(summaries, out_dir / "accuracy.png")
   return rows
 

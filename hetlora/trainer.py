@@ -392,7 +392,8 @@ def _train(config, exp, run_dir: workdir_lib.RunDir, writes: bool, on_round_end,
       t0 = time.perf_counter()
       state, result, n, extra = play(state, cohort, r, jax.random.fold_in(run_key, r))
       jax.block_until_ready(state)
-      record = {**_round_record(exp, r, cohort, result, n, time.perf_counter() - t0), **extra}
+      record = {**_round_record(exp, r, cohort, result, n, time.perf_counter() - t0), **extra,
+                "rank_counts": rank_counts(state.client_ranks)}
       if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
         _evaluate_into(record, evaluate, state, workdir, writes)
       if writes:
@@ -429,6 +430,12 @@ def headline_metric(history: list[dict[str, Any]]) -> str:
   return "test_loss"
 
 
+def rank_counts(client_ranks) -> dict[str, int]:
+  """Clients per rank over the whole population, ``{'<rank>': count}`` in rank order (JSON keys)."""
+  values, counts = np.unique(np.asarray(client_ranks), return_counts=True)
+  return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
 def history_last(history: list[dict[str, Any]], key: str) -> float:
   """The latest value of ``key`` in the metric rows (NaN if never recorded)."""
   values = [row[key] for row in history if key in row]
@@ -456,6 +463,9 @@ def _summary(config, exp, state, history) -> dict[str, Any]:
       "eval_seconds": float(sum(row["time"].get("eval_s", 0.0) for row in history)),
       "initial_client_ranks": np.asarray(exp.init_state.client_ranks).tolist(),
       "final_client_ranks": np.asarray(state.client_ranks).tolist(),
+      # clients per rank at the start (round 0) and after each round: self-pruning shows here
+      "rank_counts_by_round": [(0, rank_counts(exp.init_state.client_ranks))] + [
+          (row["round"], row["rank_counts"]) for row in rounds if "rank_counts" in row],
       "num_train_examples": int(len(next(iter(exp.train.values())))),   # any column: [N, ...]
       "num_test_examples": int(len(next(iter(exp.test.values())))),
   }

@@ -30,6 +30,17 @@ def test_row_and_markdown():
   assert "| 1,000 | 4.00 -> 3.00 | 12 |" in table
 
 
+def test_rank_table_shows_the_rounds_where_ranks_fall_and_names_runs_that_keep_them():
+  pruned = {"rank_counts_by_round": [(0, {"2": 2, "4": 2}), (1, {"2": 2, "4": 2}), (2, {"1": 1, "2": 1, "4": 2}),
+                                     (3, {"1": 1, "2": 1, "4": 2}), (4, {"1": 1, "2": 2, "4": 1})]}
+  kept = {"rank_counts_by_round": [(0, {"4": 4}), (1, {"4": 4})]}
+  text = compare.rank_markdown({"hetlora_lam_alpha0.5": pruned, "hetlora_alpha0.5": kept})
+  assert "| round | r=1 | r=2 | r=4 | mean rank |" in text
+  rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+  assert rows == ["| 0 | 0 | 2 | 2 | 3.00 |", "| 2 | 1 | 1 | 2 | 2.75 |", "| 4 | 1 | 2 | 1 | 2.25 |"]
+  assert "No client's rank changed in: hetlora_alpha0.5." in text
+
+
 FAKE_CONFIG = '''
 import ml_collections
 

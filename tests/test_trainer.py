@@ -88,6 +88,11 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, tiny):
   assert [r["round"] for r in rows] == [1, 2, 3, 4]
   assert {"client_ids", "ranks", "losses", "examples", "update_norms"} <= set(rows[0])
   assert all(len(r["ranks"]) == 2 for r in rows)
+  by_round = summary["rank_counts_by_round"]     # the whole population's ranks, start and every round
+  assert [r for r, _ in by_round] == [0, 1, 2, 3, 4]
+  assert by_round[0][1] == trainer.rank_counts(summary["initial_client_ranks"])
+  assert by_round[-1][1] == trainer.rank_counts(summary["final_client_ranks"])
+  assert all(sum(counts.values()) == 4 for _, counts in by_round)
 
 
 def test_flexlora_run_bounds_its_svd_core_by_the_client_ranks(tmp_path, tiny):
