@@ -20,7 +20,9 @@ Two pairs, one command:
   (``--dynamic-padding``, DataCollatorWithPadding style); ours packs every step's
   examples into ``R`` rows of 64 tokens with segment ids
   (:mod:`hetlora.data.segments`), ``R`` fixed for the run (the most any step of
-  it needs), so ours compiles once.
+  it needs), so ours compiles once; and ours packed as a row stream
+  (:mod:`hetlora.data.row_stream`: each client's non-empty rows one at a time,
+  gradients summed over a step's rows, so no empty row is computed).
 
 Each system runs in a fresh subprocess so each peak RSS is its own (ours:
 ``--ours``). Both report the median round time after the first round (ours: the
@@ -93,9 +95,9 @@ def run_peer(a, packed: bool) -> dict:
   return run(cmd + (["--dynamic-padding"] if packed else []))
 
 
-def run_ours(a, packed: bool, dtype: str = "float32", xla_flags: str = "") -> dict:
+def run_ours(a, packed: bool, dtype: str = "float32", xla_flags: str = "", stream: bool = False) -> dict:
   cmd = [sys.executable, __file__, "--ours", *work_flags(a, peer=False), "--dtype", dtype]
-  cmd += (["--packed"] if packed else []) + (["--memory"] if a.memory else [])
+  cmd += (["--packed"] if packed else []) + (["--stream"] if stream else []) + (["--memory"] if a.memory else [])
   env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_flags]))}
   return run(cmd, env)
 
@@ -134,7 +136,7 @@ def ours(a) -> dict:
   import numpy as np
   import setups
   from hetlora import data, memory, methods, server
-  from hetlora.data import segments
+  from hetlora.data import row_stream, segments
   from hetlora.models import tokenizer
 
   t_start = time.perf_counter()
@@ -150,6 +152,7 @@ def ours(a) -> dict:
                            local_steps=a.local_steps, seed=a.seed, round_idx=r + 1, client_ids=schedule[r])
   slots = np.stack([data.cohort_indices(**options(r)) for r in range(a.rounds)])   # [rounds, K, steps, B]
   rows = segments.rows_needed(cols, slots) if a.packed else None
+  length = row_stream.stream_length(cols, slots) if a.stream else 0
   t_setup = time.perf_counter() - t_start
 
   times, losses = [], []
@@ -158,7 +161,10 @@ def ours(a) -> dict:
     packed = data.pack_cohort(cols, rows=rows, **options(r))
     n = packed.pop("num_examples")
     mask = packed.pop("mask")
-    state, result = round_fn(state, setup.base, jnp.asarray(schedule[r]), {"batch": packed, "mask": mask}, n)
+    round_data = {"batch": packed, "mask": mask}
+    if a.stream:
+      round_data = row_stream.to_stream(round_data, length)
+    state, result = round_fn(state, setup.base, jnp.asarray(schedule[r]), round_data, n)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
     losses.append(float(jnp.mean(result.loss)))
@@ -169,10 +175,11 @@ def ours(a) -> dict:
       "system": "hetlora (JAX, vmapped clients)",
       "packed": a.packed,
       "rows": rows,
+      "row_stream": length or None,
       "dtype": a.dtype,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "round_s": [round(t, 3) for t in times],
-      "tokens_per_round": int(np.prod(packed["input_ids"].shape)),
+      "tokens_per_round": int(np.prod((round_data["stream"]["tokens"] if a.stream else packed)["input_ids"].shape)),
       "real_tokens_per_round": int(segments.slot_lengths(cols, slots).sum()) // a.rounds,
       "mean_client_loss": [round(x, 4) for x in losses],
       "setup_s": round(t_setup, 2),
@@ -184,8 +191,7 @@ def ours(a) -> dict:
       "jax_devices": [str(d) for d in jax.devices()],
   }
   if a.memory:   # after the peak RSS: compiling again must not count
-    client = (setup.global_lora, jnp.int32(a.r_max), {"batch": jax.tree.map(lambda x: x[0], packed),
-                                                      "mask": mask[0]})
+    client = (setup.global_lora, jnp.int32(a.r_max), jax.tree.map(lambda x: x[0], round_data))
     for k in (1, a.clients_per_round):
       m = memory.cohort_memory(setup.spec, setup.base, client, k)
       out[f"compiled_mib_k{k}"] = {f: round(getattr(m, f) / 2**20, 1) for f in ("argument", "output", "temp")}
@@ -198,7 +204,8 @@ def runs(a) -> list[tuple[str, str, callable]]:
   if a.padding in ("fixed", "both"):
     out += [("peer", "fixed-64", lambda: run_peer(a, False)), ("ours", "fixed-64", lambda: run_ours(a, False))]
   if a.padding in ("dynamic", "both"):
-    out += [("peer", "dynamic", lambda: run_peer(a, True)), ("ours", "packed", lambda: run_ours(a, True))]
+    out += [("peer", "dynamic", lambda: run_peer(a, True)), ("ours", "packed", lambda: run_ours(a, True)),
+            ("ours", "packed, row stream", lambda: run_ours(a, True, stream=True))]
   if a.variants:
     out += [("ours bf16", "packed", lambda: run_ours(a, True, dtype="bfloat16")),
             (f"ours {a.variant_xla_flags}", "packed", lambda: run_ours(a, True, xla_flags=a.variant_xla_flags))]
@@ -243,6 +250,7 @@ def main(argv=None):
   p.add_argument("--name", default="peer_comparison", help="results/<name>.json and .md")
   p.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)      # internal: one run of ours
   p.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.ours:
@@ -261,7 +269,8 @@ def main(argv=None):
     raw[f"{system}_{padding}"] = res
     if system == "peer":
       peers["packed" if padding == "dynamic" else padding] = res
-    rows.append(table_row(system, padding, res, load, None if system == "peer" else peers.get(padding)))
+    pair = padding.split(",")[0]      # the row stream is ours packed, computed row by row
+    rows.append(table_row(system, padding, res, load, None if system == "peer" else peers.get(pair)))
     print(rows[-1], flush=True)
 
   columns = ["system", "padding", "examples_per_s", "round_s_median", "peak_rss_mib", "speedup_vs_peer",

@@ -110,6 +110,8 @@ def base():
   c.data.packing = True               # training batches: several examples per token row (segment ids;
                                       # same examples, losses and gradients per step; hetlora.data.segments)
   c.data.pack_rows = 0                # token rows per packed batch; 0 = the most any step of the run needs
+  c.data.row_stream = False           # packed rows train one at a time, gradients summed over a step's
+                                      # rows (same updates, no empty rows; hetlora.data.row_stream)
 
   c.lora = ml_collections.ConfigDict()
   c.lora.pattern = ""                 # regex over parameter paths; "" = the model provider's default

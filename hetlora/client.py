@@ -8,6 +8,14 @@ example is skipped entirely (factors and optimizer state unchanged), so
 clients with fewer examples are padded, never dropped, and padding never
 moves a momentum.
 
+Packed round data may come as a row stream (:mod:`hetlora.data.row_stream`,
+``data['stream']``): the client's non-empty token rows one at a time, each
+adding its examples' share of its step's gradient, the row that ends a step
+applying the optimizer. It is the same update as the packed step (the
+step's loss is a sum over its examples, each in exactly one row; the
+penalty's gradient is added once, at the step's last row), without the
+empty rows a fixed rows-per-step shape computes.
+
 What a method adds to local training (a regulariser, a rank change after
 training, a frozen ``a``) comes in as a
 :class:`hetlora.methods.Local`; this module names no method. Base
@@ -35,6 +43,7 @@ from hetlora import aggregation
 from hetlora import dense as dense_lib
 from hetlora import lora as lora_lib
 from hetlora.methods import base as method_base
+from hetlora.models import segments
 
 LossFn = Callable[[Any, lora_lib.LoRA, Mapping[str, jax.Array]], jax.Array]
 
@@ -90,7 +99,8 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
       their values here.
     lora: the client's starting tree ``a: [d_in, r_max]``, masked to ``rank``.
     rank: ``int32[]`` client rank.
-    data: ``{'batch': tree of [steps, B, ...], 'mask': float[steps, B]}``.
+    data: ``{'batch': tree of [steps, B, ...], 'mask': float[steps, B]}``, packed alike, or a row
+      stream (``'stream'``: :mod:`hetlora.data.row_stream`).
 
   Returns:
     A :class:`ClientResult` with the trained tree masked to the new rank.
@@ -100,31 +110,56 @@ def local_train(spec: LocalSpec, base_params: Any, lora: lora_lib.LoRA, rank: ja
   s = lora_lib.scale(rank, spec.alpha, spec.scale_rule, r_max)
   local = spec.local
 
-  def objective(params, batch, mask):
+  def objective(params, batch, weights, count, with_penalty):
+    """``sum(weights * losses) / count`` (+ the method's penalty when ``with_penalty``)."""
     factors, dense = params
     losses = spec.loss_fn(dense_lib.overlay(base_params, dense), lora_lib.fold_scale(factors, rank, s), batch)
-    data_loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    penalty = local.penalty(factors, rank) if local.penalty is not None else 0.0
+    data_loss = jnp.sum(losses * weights) / jnp.maximum(count, 1.0)
+    penalty = local.penalty(factors, rank) * with_penalty if local.penalty is not None else 0.0
     return data_loss + penalty, data_loss
 
-  def step(carry, xs):
-    params, opt_state = carry
-    batch, mask = xs
-    (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, mask)
+  def apply(params, opt_state, grads):
     updates, new_opt_state = spec.optimizer.update(grads, opt_state, params)
     if local.trainable == "b":
       updates = (lora_lib.map_modules(lambda u: {"a": jnp.zeros_like(u["a"]), "b": u["b"]}, updates[0]),
                  updates[1])
     factors, dense = optax.apply_updates(params, updates)
-    new_params = (lora_lib.mask(factors, rank), dense)
+    return (lora_lib.mask(factors, rank), dense), new_opt_state
+
+  def keep_if(flag, new, old):
+    return jax.tree.map(lambda x, y: jnp.where(flag, x, y), new, old)
+
+  def step(carry, xs):
+    params, opt_state = carry
+    batch, mask = xs
     n = jnp.sum(mask)
-    keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(n > 0, x, y), new, old)
-    return (keep(new_params, params), keep(new_opt_state, opt_state)), (data_loss * n, n)
+    (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, mask, n, 1.0)
+    new_params, new_opt_state = apply(params, opt_state, grads)
+    return (keep_if(n > 0, new_params, params), keep_if(n > 0, new_opt_state, opt_state)), (data_loss * n, n)
+
+  def row(carry, xs):   # one row of the stream: its examples' share of the step's loss
+    params, opt_state, acc = carry
+    tokens, at, ends = xs
+    batch = {**jax.tree.map(lambda x: x[at], data["batch"]), **tokens}
+    mask = data["mask"][at]
+    n = jnp.sum(mask)
+    here = segments.one_hot(tokens[segments.SEGMENT_IDS], mask.shape[-1]).max(axis=(0, 1))   # [B]
+    (_, part), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, mask * here, n, ends)
+    acc = jax.tree.map(jnp.add, acc, grads)
+    new_params, new_opt_state = apply(params, opt_state, acc)
+    acc = keep_if(ends, jax.tree.map(jnp.zeros_like, acc), acc)
+    return (keep_if(ends, new_params, params), keep_if(ends, new_opt_state, opt_state), acc), (part * n, ends * n)
 
   lora = lora_lib.mask(lora, rank)
   start = (lora, dense_lib.select(base_params, spec.dense))
-  ((trained, trained_dense), _), (loss_sums, counts) = jax.lax.scan(
-      step, (start, spec.optimizer.init(start)), (data["batch"], data["mask"]))
+  if "stream" in data:
+    stream = data["stream"]
+    zeros = jax.tree.map(jnp.zeros_like, start)
+    ((trained, trained_dense), _, _), (loss_sums, counts) = jax.lax.scan(
+        row, (start, spec.optimizer.init(start), zeros), (stream["tokens"], stream["step"], stream["ends"]))
+  else:
+    ((trained, trained_dense), _), (loss_sums, counts) = jax.lax.scan(
+        step, (start, spec.optimizer.init(start)), (data["batch"], data["mask"]))
   new_rank = rank if local.next_rank is None else local.next_rank(rank, lora, trained)
   trained = lora_lib.mask(trained, new_rank)
   examples = jnp.sum(counts)

@@ -14,7 +14,7 @@ experiment names no model family and no method.
 Config sections: ``model`` (``kind``, ``name``, ``pooling``, ``max_len``, ``dtype``, ``head``),
 ``data`` (``source``, ``source_kwargs``, ``partition``, ``num_clients``,
 ``test_kwargs``, ``dirichlet_alpha``, ``min_client_size``, ``max_train_examples``,
-``max_test_examples``, ``public_examples``, ``unseen_tasks``, ``packing``, ``pack_rows``), ``lora`` (``pattern``, ``r_min``,
+``max_test_examples``, ``public_examples``, ``unseen_tasks``, ``packing``, ``pack_rows``, ``row_stream``), ``lora`` (``pattern``, ``r_min``,
 ``r_max``, ``rank_choices``, ``rank_distribution``, ``alpha``,
 ``scale_rule``, ``init_from``), ``method`` (``name``, ``kwargs``), ``client``
 (``optimizer``, ``learning_rate``, ``weight_decay``, ``batch_size``,
@@ -36,6 +36,9 @@ With ``data.packing`` the training batches are packed (:mod:`hetlora.data.segmen
 each local step's examples, the same ones as unpacked, share ``R`` token rows,
 ``R = data.pack_rows`` or, when 0, the most any step of the run's
 ``server.rounds`` sampled cohorts needs (:func:`pack_rows`), fixed for the run.
+With ``data.row_stream`` too, each client's non-empty rows of a round train
+one at a time (:mod:`hetlora.data.row_stream`), ``S`` rows a client
+(:func:`stream_rows`), so no empty row is computed.
 Evaluation and the public (distillation) batches stay unpacked.
 """
 
@@ -61,6 +64,7 @@ from hetlora import privacy as privacy_lib
 from hetlora import ranks as ranks_lib
 from hetlora import screening as screening_lib
 from hetlora import server
+from hetlora.data import row_stream as row_stream_lib
 from hetlora.data import segments as segments_lib
 from hetlora.export import peft as peft_export
 from hetlora.models import generation as generation_lib
@@ -98,6 +102,7 @@ class Experiment:
     choice_eval: the same for the options of multiple-choice test data (:func:`make_choice_eval`),
       or ``None``.
     pack_rows: token rows per packed training batch (``data.packing``), or 0: unpacked.
+    stream_rows: rows of each client's row stream (``data.row_stream``), or 0: packed steps.
   """
   config: ml_collections.ConfigDict
   base_params: Any
@@ -118,6 +123,7 @@ class Experiment:
   generation_eval: Callable[..., tuple[dict, list]] | None = None
   choice_eval: Callable[..., tuple[dict, list]] | None = None
   pack_rows: int = 0
+  stream_rows: int = 0
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -148,6 +154,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
     raise ValueError(f"data.pack_rows={rows!r} must be an int >= 0 (token rows per packed "
                      "batch; 0 = the most any step of the run needs).")
+  if c.data.get("row_stream", False) is not False and not (c.data.row_stream is True and packing):
+    raise ValueError(f"data.row_stream={c.data.row_stream!r} must be True or False, and True needs "
+                     "data.packing=True (it streams the packed rows).")
   if c.client.backend not in BACKENDS:
     raise ValueError(f"client.backend={c.client.backend!r} must be one of {BACKENDS}.")
   if c.client.backend == "chunked" and c.client.get("chunk_size", 0) < 1:
@@ -436,7 +445,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       train=train, test=test, partition=partition,
       public=_public_batches(public, config.client.batch_size), steps=steps, label_names=label_names,
       unseen=unseen, generation_eval=generation_eval, choice_eval=choice_eval,
-      pack_rows=pack_rows(config, train, partition, steps))
+      pack_rows=pack_rows(config, train, partition, steps),
+      stream_rows=stream_rows(config, train, partition, steps))
 
 
 def _cohort_options(config: ml_collections.ConfigDict, partition, cohort, round_index: int, steps: int):
@@ -447,19 +457,34 @@ def _cohort_options(config: ml_collections.ConfigDict, partition, cohort, round_
               round_idx=round_index, client_ids=cohort, pad_steps_to=steps)
 
 
+def _run_slots(config: ml_collections.ConfigDict, partition, steps: int) -> np.ndarray:
+  """Every round's cohort slots, ``int64[rounds, K, steps, B]`` (``server.sample_cohort`` for rounds
+  ``0 .. server.rounds - 1``)."""
+  d = config.data
+  return np.stack([data_lib.cohort_indices(**_cohort_options(
+      config, partition, server.sample_cohort(config.seed, r, d.num_clients, config.server.clients_per_round),
+      r, steps)) for r in range(config.server.rounds)])
+
+
 def pack_rows(config: ml_collections.ConfigDict, train: dict[str, np.ndarray], partition, steps: int) -> int:
   """Token rows per packed batch: 0 without ``data.packing``, else ``data.pack_rows`` or, when 0,
-  the most rows any local step of the run's cohorts (``server.sample_cohort`` for rounds
-  ``0 .. server.rounds - 1``) packs into (:func:`hetlora.data.segments.rows_needed`)."""
+  the most rows any local step of the run's cohorts packs into
+  (:func:`hetlora.data.segments.rows_needed`)."""
   d = config.data
   if not d.get("packing", False):
     return 0
   if d.get("pack_rows", 0):
     return int(d.pack_rows)
-  slots = [data_lib.cohort_indices(**_cohort_options(
-      config, partition, server.sample_cohort(config.seed, r, d.num_clients, config.server.clients_per_round),
-      r, steps)) for r in range(config.server.rounds)]
-  return segments_lib.rows_needed(train, np.stack(slots))
+  return segments_lib.rows_needed(train, _run_slots(config, partition, steps))
+
+
+def stream_rows(config: ml_collections.ConfigDict, train: dict[str, np.ndarray], partition, steps: int) -> int:
+  """Rows of each client's row stream: 0 without ``data.row_stream``, else the most non-empty
+  packed rows any client of the run's cohorts holds in a round
+  (:func:`hetlora.data.row_stream.stream_length`)."""
+  if not config.data.get("row_stream", False):
+    return 0
+  return row_stream_lib.stream_length(train, _run_slots(config, partition, steps))
 
 
 def cohort_data(exp: Experiment, cohort: np.ndarray, round_index: int):
@@ -469,4 +494,6 @@ def cohort_data(exp: Experiment, cohort: np.ndarray, round_index: int):
                                 **_cohort_options(exp.config, exp.partition, cohort, round_index, exp.steps))
   n = packed.pop("num_examples")
   mask = packed.pop("mask")
+  if exp.stream_rows:
+    return row_stream_lib.to_stream({"batch": packed, "mask": mask}, exp.stream_rows), n
   return {"batch": packed, "mask": mask}, n

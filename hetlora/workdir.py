@@ -30,8 +30,9 @@ finish a run; never below the rounds already done), ``eval.every``,
 ``eval.batch_size``, the generation settings ``eval.at_start``,
 ``eval.generate_examples``, ``eval.max_new_tokens``, ``eval.answer_marker``,
 ``eval.samples_per_task``, ``checkpoint_every``, ``checkpoints_to_keep``,
-``tensorboard``, ``client.backend`` and ``client.chunk_size`` (every backend
-gives the same numbers).
+``tensorboard``, ``client.backend``, ``client.chunk_size`` and
+``data.row_stream`` (every backend, and packed steps or their row stream,
+give the same numbers up to float summation order).
 
 Example::
 
@@ -65,7 +66,7 @@ RUN_FILES = (LOCK_FILE, IDENTITY_FILE, CONFIG_FILE, "metrics.jsonl", "data_stats
              "summary.json", "plots.png", "tensorboard", "generations")
 RESUMABLE = ("server.rounds", "eval.every", "eval.batch_size", "eval.at_start", "eval.generate_examples",
              "eval.max_new_tokens", "eval.answer_marker", "eval.samples_per_task", "checkpoint_every",
-             "checkpoints_to_keep", "tensorboard", "client.backend", "client.chunk_size")
+             "checkpoints_to_keep", "tensorboard", "client.backend", "client.chunk_size", "data.row_stream")
 _ABSENT = "(absent)"
 
 

@@ -4,7 +4,7 @@ Per-example losses and LoRA gradients of a packed batch (several examples per
 token row, ``hetlora.data.segments``) equal those of the same examples one per
 row, within 1e-5: on the tiny random BERT and Llama here, on MiniLM and
 SmolLM2 in the full run (``HETLORA_FULL_TESTS=1``); and one federated round
-packed equals it unpacked.
+packed equals it unpacked, and packed as a row stream.
 """
 
 import math
@@ -189,14 +189,14 @@ def test_one_round_packed_equals_unpacked(tiny_model_dirs, tmp_path):
   from hetlora import experiment, server
 
   results = {}
-  for packing in (False, True):
+  for packing, stream in ((False, False), (True, False), (True, True)):
     config = common.base()
     config.model.name = tiny_model_dirs["bert_classifier"]
     config.data.source = "csv"
     config.data.source_kwargs.path = short_intents_csv(tmp_path / "train.csv", 120, 0)
     config.data.test_kwargs.path = short_intents_csv(tmp_path / "test.csv", 12, 1)
     config.data.num_clients, config.data.min_client_size = 6, 5
-    config.data.packing = packing
+    config.data.packing, config.data.row_stream = packing, stream
     config.model.max_len = 32
     config.client.batch_size, config.client.local_steps = 8, 2
     config.server.rounds, config.server.clients_per_round = 2, 3
@@ -204,8 +204,8 @@ def test_one_round_packed_equals_unpacked(tiny_model_dirs, tmp_path):
     cohort = server.sample_cohort(config.seed, 1, config.data.num_clients, config.server.clients_per_round)
     batch, n = experiment.cohort_data(exp, cohort, 1)
     state, res = exp.round_fn(exp.init_state, exp.base_params, cohort, batch, n, key=jax.random.key(0))
-    results[packing] = (exp.pack_rows, batch, state, res)
-  (rows0, plain, state0, res0), (rows1, packed, state1, res1) = results[False], results[True]
+    results[packing, stream] = (exp.pack_rows, batch, state, res)
+  (rows0, plain, state0, res0), (rows1, packed, state1, res1) = results[False, False], results[True, False]
   assert rows0 == 0 and 0 < rows1 <= config.client.batch_size // 2
   assert packed["batch"]["input_ids"].shape[2] == rows1
   np.testing.assert_array_equal(packed["mask"], plain["mask"])
@@ -215,6 +215,12 @@ def test_one_round_packed_equals_unpacked(tiny_model_dirs, tmp_path):
              for a, b in zip(jax.tree.leaves((state0, res0.lora)), jax.tree.leaves((state1, res1.lora))))
   print(f"one round: max |state or upload diff| {diff:.2e}, {rows1} rows for {config.client.batch_size} examples")
   assert diff < TOL, diff        # the server state (global adapter) and every client's upload
+  _, streamed, state2, res2 = results[True, True]    # the row stream (hetlora.data.row_stream)
+  assert "stream" in streamed and "input_ids" not in streamed["batch"]
+  np.testing.assert_array_equal(res2.examples, res0.examples)
+  diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+             for a, b in zip(jax.tree.leaves((state1, res1.lora)), jax.tree.leaves((state2, res2.lora))))
+  assert diff < TOL, diff
 
 
 # ----------------------------------------------------------------------------- real models (full run)

@@ -127,6 +127,11 @@ def test_bad_config_names_the_field(field, value, message, tiny):
     experiment.validate(tiny(**{field: value}))
 
 
+def test_row_stream_without_packing_names_both_fields(tiny):
+  with pytest.raises(ValueError, match=r"data\.row_stream=True .*data\.packing=True"):
+    experiment.build(tiny(**{"data.packing": False, "data.row_stream": True}))
+
+
 def test_missing_data_path_and_column_name_the_fix(tmp_path, tiny):
   c = tiny(**{"data.source": "csv"})
   c.data.source_kwargs = {"path": str(tmp_path / "missing.csv")}
