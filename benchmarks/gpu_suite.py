@@ -11,7 +11,8 @@ whole GPU) with GPU-sized flags, and its JSON is folded into one result:
   achieved fraction of the card's bf16 dense peak (:data:`PEAK_BF16_TFLOPS`);
 - ``peer`` (``peer_comparison.py``): ours vs the PyTorch + PEFT peer on the
   same GPU (its CUDA torch, through ``peer_on_cuda.py``) at K = 32, the
-  fixed-length pair and the dynamic-padding / packed pair;
+  fixed-length pair and the dynamic-padding / packed pair (ours packed in
+  steps and as a row stream, :mod:`hetlora.data.row_stream`);
 - ``llm`` (``decoder_round.py``): the HetLoRA round of a SmolLM2-135M-shaped
   Llama (bfloat16): tokens/s and the compiled memory of the client training;
 - ``aggregation`` (``aggregation_time.py``): FlexLoRA and HetLoRA aggregation
