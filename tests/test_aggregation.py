@@ -38,6 +38,13 @@ def _reference_hetlora(tree, ranks, scales, per_module):
   return out
 
 
+def _reference_example_average(tree, ranks, n):
+  """Explicit zero-padding, factors averaged with ``p_k = n_k / sum n``."""
+  p = np.array(n) / np.sum(n)
+  return {name: dict(zip("ab", ref.weighted_average_padded(tree[name]["a"], tree[name]["b"], ranks, p, R_MAX)))
+          for name in tree}
+
+
 def _assert_tree_close(got, want, rtol=1e-5, atol=1e-6):
   for n in want:
     for f in ("a", "b"):
@@ -60,11 +67,7 @@ def test_hetlora_matches_dense_reference(per_module):
 def test_zero_pad_and_fedavg_match_reference():
   ranks, n = [1, 3, 5, 2], [10, 1, 4, 7]
   tree = _clients(1, ranks)
-  p = np.array(n) / np.sum(n)
-  want = {}
-  for name in tree:
-    a, b = ref.weighted_average_padded(tree[name]["a"], tree[name]["b"], ranks, p, R_MAX)
-    want[name] = {"a": a, "b": b}
+  want = _reference_example_average(tree, ranks, n)
   for fn in (zero_pad.aggregate, homlora.aggregate, aggregation.example_average):
     _assert_tree_close(fn(tree, *_args(ranks, n, np.ones(4))), want)
 
@@ -74,11 +77,7 @@ def test_hetlora_without_sparsity_weighting_averages_by_examples_and_keeps_its_l
   ranks, n = [1, 3, 5, 2], [10, 1, 4, 7]
   scales = [ref.scale(r, 8.0, "alpha/r", R_MAX) for r in ranks]
   tree = _clients(6, ranks)
-  p = np.array(n) / np.sum(n)
-  want = {}
-  for name in tree:
-    a, b = ref.weighted_average_padded(tree[name]["a"], tree[name]["b"], ranks, p, R_MAX)
-    want[name] = {"a": a, "b": b}
+  want = _reference_example_average(tree, ranks, n)
   ablated = hetlora.make(sparsity_weighting=False)
   _assert_tree_close(ablated.aggregate(tree, *_args(ranks, n, scales)), want)
   weighted = hetlora.make().aggregate(tree, *_args(ranks, n, scales))
