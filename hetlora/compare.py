@@ -2,9 +2,10 @@
 
 ``compare(configs, out_dir)`` runs :func:`hetlora.trainer.run` for each named
 config (same seed, clients, ranks and budget, by construction of the
-configs), then writes ``results.md`` (a Markdown table; for multiple-choice data a
-second one of per-task accuracy, the base model first; then clients per rank
-by round for the runs whose ranks change), ``results.json``
+configs), then writes ``results.md`` (a Markdown table; for runs repeated over
+seeds a second one of their mean +- std; for multiple-choice data one of per-task
+accuracy, the base model first; then clients per rank by round for the runs
+whose ranks change), ``results.json``
 and ``accuracy.png`` (test accuracy vs round, one line per run) to
 ``out_dir`` (process 0 only, on several hosts). Runs already finished in
 ``out_dir/<name>`` are resumed, not redone.
@@ -12,7 +13,8 @@ and ``accuracy.png`` (test accuracy vs round, one line per run) to
 ``method_configs('configs/banking77.py:cpu', methods, alphas, overrides)``
 builds those configs from one config file: ``get_config`` with
 ``method=<m>,alpha=<a>`` added to the file's argument, then the
-``--config.<field>=`` overrides on top.
+``--config.<field>=`` overrides on top; ``variants`` and ``seeds`` repeat every
+run per ablation and per seed.
 """
 
 from __future__ import annotations
@@ -71,6 +73,32 @@ def markdown(rows: list[dict[str, Any]]) -> str:
       f"{r['mean_rank_start']:.2f} -> {r['mean_rank_end']:.2f} | {r['train_seconds']:.0f} |\n"
       for r in rows)
   return head + body
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+  """The rows of runs that differ only in their seed (names ending ``_seed<s>``), by name without it."""
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for r in rows:
+    base, hit = re.subn(r"_seed\d+$", "", r["run"])
+    if hit:
+      groups.setdefault(base, []).append(r)
+  return groups
+
+
+def seed_markdown(rows: list[dict[str, Any]]) -> str:
+  """Mean +- sample standard deviation over seeds of the final and mid-run accuracy and the train
+  time, one line per group of :func:`seed_groups` (std ``-`` for a single seed)."""
+
+  def stat(group, key, fmt):
+    x = np.asarray([r[key] for r in group], np.float64)
+    return f"{x.mean():{fmt}} +- {x.std(ddof=1):{fmt}}" if len(x) > 1 else f"{x.mean():{fmt}} +- -"
+
+  head = ("| runs | method | seeds | final acc | acc @50% | train time (s) |\n"
+          "|---|---|---|---|---|---|\n")
+  return head + "".join(
+      f"| {base}_seed* | {g[0]['method']} | {len(g)} | {stat(g, 'final_accuracy', '.4f')} | "
+      f"{stat(g, 'accuracy_at_50pct', '.4f')} | {stat(g, 'train_seconds', '.0f')} |\n"
+      for base, g in seed_groups(rows).items())
 
 
 def task_markdown(rows: list[dict[str, Any]]) -> str:
@@ -172,9 +200,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | float],
                    overrides: Mapping[str, Any] | None = None,
-                   variants: Mapping[str, Mapping[str, Any]] | None = None
-                   ) -> dict[str, ml_collections.ConfigDict]:
-  """One locked config per ``(alpha, method[, variant])``, named ``<method>[_<variant>]_alpha<alpha>``.
+                   variants: Mapping[str, Mapping[str, Any]] | None = None,
+                   seeds: Sequence[int] | None = None) -> dict[str, ml_collections.ConfigDict]:
+  """One locked config per ``(alpha, method[, variant][, seed])``, named
+  ``<method>[_<variant>]_alpha<alpha>[_seed<seed>]``.
 
   Args:
     config: ``path/to/config.py`` or ``path/to/config.py:arg``; ``get_config``
@@ -186,6 +215,10 @@ def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | f
     variants: ``{name: flat overrides}`` for ablations: every method then runs once per
       variant, its overrides applied after ``overrides`` (e.g. ``{'gamma0.9':
       {'method.kwargs.gamma': 0.9}}``); ``None``: one run per method, no suffix.
+    seeds: ``config.seed`` values: every run then repeats once per seed (the seed sets
+      the clients' data split, their ranks, the cohorts, the initial adapter and any
+      subsample of the data);
+      ``None``: the config's own seed, no suffix.
   """
   path, _, arg = config.partition(":")
   module = load_config_module(path)
@@ -193,12 +226,13 @@ def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | f
   for alpha in alphas:
     for method in methods:
       for variant, changes in (variants or {"": {}}).items():
-        c = module.get_config(",".join(filter(None, [arg, f"method={method}", f"alpha={alpha}"])))
-        for flat in (overrides, changes):
-          if flat:
-            c.update_from_flattened_dict(dict(flat))
-        c.lock()
-        out["_".join(filter(None, [method, variant, f"alpha{alpha}"]))] = c
+        for seed in seeds or [None]:
+          c = module.get_config(",".join(filter(None, [arg, f"method={method}", f"alpha={alpha}"])))
+          for flat in (overrides, changes, None if seed is None else {"seed": int(seed)}):
+            if flat:
+              c.update_from_flattened_dict(dict(flat))
+          c.lock()
+          out["_".join(filter(None, [method, variant, f"alpha{alpha}", seed is not None and f"seed{seed}"]))] = c
   return out
 
 
@@ -216,7 +250,8 @@ def compare(configs: Mapping[str, ml_collections.ConfigDict], out_dir: str | Pat
   if jax.process_index() == 0:
     (out_dir / "results.json").write_text(
         json.dumps({**dict(record or {}), "rows": rows, "summaries": summaries}, indent=2))
-    tables = markdown(rows) + ("\n" + task_markdown(rows) if any(r["by_task"] for r in rows) else "")
+    tables = markdown(rows) + ("\n" + seed_markdown(rows) if seed_groups(rows) else "")
+    tables += "\n" + task_markdown(rows) if any(r["by_task"] for r in rows) else ""
     (out_dir / "results.md").write_text(tables + "\n" + rank_markdown(summaries))
     _plot(summaries, out_dir / "accuracy.png")
   return rows

@@ -13,14 +13,17 @@ largest rank, HeLoRA-Pad, FlexLoRA, FLoRA, FFA-LoRA, HeLoRA-KD) at Dirichlet
       --variant "no-pruning: method.kwargs.prune=False" --variant "gamma0.9: method.kwargs.gamma=0.9" \
       --out /tmp/ablation
 
+``--seeds 0,1,2`` repeats every run per seed (``config.seed``: the data split,
+the ranks, the cohorts, the initial adapter and any subsample of the data) and adds a mean +- std table.
+
 Flags: ``--config`` (a config file, optionally ``:arg`` such as ``:cpu`` or
 ``:runlocal``), any ``--config.<field>=<value>`` override, ``--methods``,
-``--alphas``, ``--variant``, ``--out``, ``--dry_run``. For each alpha and method the config
+``--alphas``, ``--variant``, ``--seeds``, ``--out``, ``--dry_run``. For each alpha and method the config
 file's ``get_config`` runs again with ``method=<m>,alpha=<a>`` added to
 ``arg``, then the ``--config.<field>`` overrides are applied on top.
 
 Every run shares the config's seed, clients, ranks and budget; only
-``method`` (and ``alpha``) change. Writes ``results.md``, ``results.json``
+``method`` (and ``alpha``, a variant's fields, ``--seeds``) change. Writes ``results.md``, ``results.json``
 and ``accuracy.png`` under ``--out``; finished runs are resumed, not redone.
 ``results.json`` records this command line, the date (UTC) and the machine.
 With ``--out`` under ``benchmarks/results/`` the results page
@@ -57,6 +60,9 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs' configs as JSON 
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "An ablation, 'name: field=value ...' (repeatable): every method then runs once per "
     "variant with those fields set, named <method>_<name>_alpha<a>.")
+_SEEDS = flags.DEFINE_list(
+    "seeds", [], "Seeds (config.seed): every run then repeats once per seed, named <run>_seed<s>, and "
+    "results.md adds a mean +- std table over them. Empty: the config's own seed, no suffix.")
 
 
 def provenance() -> dict:
@@ -96,7 +102,8 @@ def main(argv):
   flag = flags.FLAGS[_CONFIG.name]
   variants = dict(map(compare.parse_variant, _VARIANTS.value)) or None
   configs = compare.method_configs(config_flags.get_config_filename(flag), _METHODS.value, _ALPHAS.value,
-                                   config_flags.get_override_values(flag), variants)
+                                   config_flags.get_override_values(flag), variants,
+                                   [int(s) for s in _SEEDS.value] or None)
   if _DRY_RUN.value:
     print(json.dumps({name: c.to_dict() for name, c in configs.items()}, indent=2, default=str))
     return

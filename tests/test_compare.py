@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hetlora import compare
@@ -104,16 +105,17 @@ def test_launcher_takes_config_overrides(tmp_path):
   out = subprocess.run(
       [sys.executable, str(REPO / "launch" / "compare.py"), "--config", "configs/banking77.py:cpu",
        "--config.server.rounds=3", "--methods", "hetlora,flexlora", "--alphas", "0.1", "--out", str(tmp_path),
-       "--variant", "plain: server.rounds=3", "--variant", "longer: server.rounds=4",
+       "--variant", "plain: server.rounds=3", "--variant", "longer: server.rounds=4", "--seeds", "2",
        "--dry_run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   configs = json.loads(out.stdout)
-  assert sorted(configs) == ["flexlora_longer_alpha0.1", "flexlora_plain_alpha0.1", "hetlora_longer_alpha0.1",
-                             "hetlora_plain_alpha0.1"]
+  assert sorted(configs) == ["flexlora_longer_alpha0.1_seed2", "flexlora_plain_alpha0.1_seed2",
+                             "hetlora_longer_alpha0.1_seed2", "hetlora_plain_alpha0.1_seed2"]
   for name, c in configs.items():
     assert c["method"]["name"] == name.split("_")[0]
     assert c["server"]["rounds"] == (4 if "longer" in name else 3)     # the override, then the variant
     assert c["data"]["dirichlet_alpha"] == 0.1
+    assert c["seed"] == 2
     assert c["model"]["max_len"] == 32               # ':cpu' reached get_config
   assert list(tmp_path.iterdir()) == []              # a dry run trains and writes nothing
 
@@ -148,3 +150,20 @@ def test_lora_a2_command_trains_a_tiny_roberta_on_banking77(tmp_path, shared_dir
   assert summary["rounds"] == 1 and 0.0 <= summary["final_test_accuracy"] <= 1.0
   config = json.loads((tmp_path / "a2" / "hetlora_alpha0.5" / "config.json").read_text())
   assert config["model"]["name"] == str(model) and config["model"]["head"] == "frozen"
+
+
+def test_seeds_repeat_every_run_and_add_a_mean_std_table(tmp_path, monkeypatch):
+  path = tmp_path / "fake.py"
+  path.write_text(FAKE_CONFIG.replace('c = ml_collections.ConfigDict()', 'c = ml_collections.ConfigDict({"seed": 0})'))
+  configs = compare.method_configs(f"{path}:cpu", ["hetlora", "flexlora"], ["0.5"], seeds=[0, 3])
+  assert list(configs) == ["hetlora_alpha0.5_seed0", "hetlora_alpha0.5_seed3", "flexlora_alpha0.5_seed0",
+                           "flexlora_alpha0.5_seed3"]
+  assert [c.seed for c in configs.values()] == [0, 3, 0, 3]
+  finals = {"hetlora_alpha0.5_seed0": 0.5, "hetlora_alpha0.5_seed3": 0.7, "flexlora_alpha0.5": 0.2}
+  monkeypatch.setattr(compare.trainer, "run", lambda cfg, workdir, progress=True: {
+      **SUMMARY, "final_test_accuracy": finals[workdir.name]})
+  compare.compare(dict.fromkeys(finals), tmp_path / "out", progress=False)
+  table = (tmp_path / "out" / "results.md").read_text()
+  std = np.std([0.5, 0.7], ddof=1)
+  assert f"| hetlora_alpha0.5_seed* | hetlora | 2 | 0.6000 +- {std:.4f} |" in table
+  assert "flexlora_alpha0.5_seed*" not in table        # a run without a seed suffix is not a group
