@@ -88,3 +88,23 @@ def test_registered_and_validated():
     helora_pad.aggregate(lora, jnp.array([1, 2]), jnp.ones(2), jnp.ones(2), weighting="norm")
   with pytest.raises(ValueError, match=r"method\.kwargs\.padding"):
     methods.get("helora_pad", padding="cubic")
+
+
+@pytest.mark.parametrize("padding", ["linear", "mean", "adjacent"])
+@pytest.mark.parametrize("rank", [1, 2, R_MAX - 1])
+def test_copying_agreeing_slots_multiplies_the_product_by_r_max_over_r(padding, rank):
+  # The scale assumption in the module docstring: a client whose trained slots agree has a padded
+  # product r_max / r_k times its trained one, i.e. its own update read at r_max under alpha/r.
+  rng = np.random.default_rng(rank)
+  u, v = rng.normal(size=(D_IN, 1)), rng.normal(size=(1, D_OUT))
+  if padding == "mean":        # the scalar fill agrees with the slots only for constant factors
+    u, v = np.full((D_IN, 1), 0.3), np.full((1, D_OUT), -1.2)
+  a = np.zeros((1, D_IN, R_MAX), np.float32)
+  b = np.zeros((1, R_MAX, D_OUT), np.float32)
+  a[0, :, :rank], b[0, :rank] = u, v
+  padded = helora_pad.pad({"q": {"a": jnp.asarray(a), "b": jnp.asarray(b)}}, jnp.array([rank]), padding)["q"]
+  product = np.asarray(padded["a"][0] @ padded["b"][0], np.float64)
+  trained = rank * (u @ v)
+  np.testing.assert_allclose(product, R_MAX / rank * trained, rtol=1e-5, atol=1e-6)
+  alpha = 16.0      # under alpha/r: read at r_max, the padded adapter is the client's own update
+  np.testing.assert_allclose(alpha / R_MAX * product, alpha / rank * trained, rtol=1e-5, atol=1e-6)
