@@ -232,7 +232,8 @@ def method_configs(config: str, methods: Sequence[str], alphas: Sequence[str | f
             if flat:
               c.update_from_flattened_dict(dict(flat))
           c.lock()
-          out["_".join(filter(None, [method, variant, f"alpha{alpha}", seed is not None and f"seed{seed}"]))] = c
+          suffix = None if seed is None else f"seed{seed}"
+          out["_".join(filter(None, [method, variant, f"alpha{alpha}", suffix]))] = c
   return out
 
 
@@ -250,8 +251,11 @@ def compare(configs: Mapping[str, ml_collections.ConfigDict], out_dir: str | Pat
   if jax.process_index() == 0:
     (out_dir / "results.json").write_text(
         json.dumps({**dict(record or {}), "rows": rows, "summaries": summaries}, indent=2))
-    tables = markdown(rows) + ("\n" + seed_markdown(rows) if seed_groups(rows) else "")
-    tables += "\n" + task_markdown(rows) if any(r["by_task"] for r in rows) else ""
+    tables = markdown(rows)
+    if seed_groups(rows):
+      tables += "\n" + seed_markdown(rows)
+    if any(r["by_task"] for r in rows):
+      tables += "\n" + task_markdown(rows)
     (out_dir / "results.md").write_text(tables + "\n" + rank_markdown(summaries))
     _plot(summaries, out_dir / "accuracy.png")
   return rows

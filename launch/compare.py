@@ -22,8 +22,8 @@ Flags: ``--config`` (a config file, optionally ``:arg`` such as ``:cpu`` or
 file's ``get_config`` runs again with ``method=<m>,alpha=<a>`` added to
 ``arg``, then the ``--config.<field>`` overrides are applied on top.
 
-Every run shares the config's seed, clients, ranks and budget; only
-``method`` (and ``alpha``, a variant's fields, ``--seeds``) change. Writes ``results.md``, ``results.json``
+Every run shares the config's clients, ranks and budget (and, without
+``--seeds``, its seed); only ``method``, ``alpha`` and a variant's fields change. Writes ``results.md``, ``results.json``
 and ``accuracy.png`` under ``--out``; finished runs are resumed, not redone.
 ``results.json`` records this command line, the date (UTC) and the machine.
 With ``--out`` under ``benchmarks/results/`` the results page
