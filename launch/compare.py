@@ -65,6 +65,14 @@ _SEEDS = flags.DEFINE_list(
     "results.md adds a mean +- std table over them. Empty: the config's own seed, no suffix.")
 
 
+def parse_seeds(values: list[str]) -> list[int] | None:
+  """``--seeds`` as integers (``None`` when empty); a named error for anything else."""
+  try:
+    return [int(v) for v in values] or None
+  except ValueError:
+    raise app.UsageError(f"--seeds={','.join(values)} must be integers, e.g. --seeds 0,1,2.") from None
+
+
 def provenance() -> dict:
   """This run's command line (from the repository root), UTC date and machine, for results.json."""
   import jax
@@ -103,7 +111,7 @@ def main(argv):
   variants = dict(map(compare.parse_variant, _VARIANTS.value)) or None
   configs = compare.method_configs(config_flags.get_config_filename(flag), _METHODS.value, _ALPHAS.value,
                                    config_flags.get_override_values(flag), variants,
-                                   [int(s) for s in _SEEDS.value] or None)
+                                   parse_seeds(_SEEDS.value))
   if _DRY_RUN.value:
     print(json.dumps({name: c.to_dict() for name, c in configs.items()}, indent=2, default=str))
     return

@@ -167,3 +167,13 @@ def test_seeds_repeat_every_run_and_add_a_mean_std_table(tmp_path, monkeypatch):
   std = np.std([0.5, 0.7], ddof=1)
   assert f"| hetlora_alpha0.5_seed* | hetlora | 2 | 0.6000 +- {std:.4f} |" in table
   assert "flexlora_alpha0.5_seed*" not in table        # a run without a seed suffix is not a group
+
+
+def test_launcher_names_a_seed_that_is_not_an_integer(tmp_path):
+  out = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), "--config", "configs/banking77.py:cpu",
+                        "--seeds", "0,one", "--out", str(tmp_path), "--dry_run"],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode != 0
+  assert "--seeds=0,one must be integers" in out.stderr
+
