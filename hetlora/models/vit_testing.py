@@ -8,12 +8,13 @@ and layer-scales; unnamed ``MatMul`` weights stored key, value, query as in
 runs it as an independent reference. :func:`onnx_features` runs any such
 export with its backbone output (``/backbone/layernorm/Add_1_output_0``)
 exposed and the image size left free; it needs ``onnxruntime`` (the ``test``
-extra).
+extra). :func:`flax_features` is the same output from :mod:`hetlora.models.vit`.
 
 Example::
 
     d = write_tiny_vit(tmp_path / "vit")             # 28-pixel images, 2 x 2 grid of 14-pixel patches
     ref = onnx_features(d / "model.onnx", images)    # images: float32[B, 3, 28, 28] -> [B, 5, 32]
+    ours = flax_features(*vit_loading.load_vit(d), images, grid=2)
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from hetlora.models import vit
 
 FEATURES = "/backbone/layernorm/Add_1_output_0"
 INPUT = "input_image"
@@ -153,3 +160,15 @@ def onnx_features(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
     model.graph.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [None] * 3))
   session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
   return session.run([FEATURES], {model.graph.input[0].name: np.asarray(images, np.float32)})[0]
+
+
+def flax_features(config: vit.ViTConfig, params, images: np.ndarray, grid: int) -> np.ndarray:
+  """Our backbone's output ``float32[B, 1 + grid^2, D]`` for normalised ``images: [B, 3, S, S]``.
+
+  ``S = grid * patch``; the position embeddings are resized to ``grid`` as the
+  trainer does (:func:`hetlora.models.vit.resize_positions`).
+  """
+  position = vit.resize_positions(params["embeddings"]["position"], grid)
+  params = {**params, "embeddings": {**params["embeddings"], "position": position}}
+  model = vit.ViTModel(dataclasses.replace(config, grid=grid))
+  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(np.asarray(images).transpose(0, 2, 3, 1))))
