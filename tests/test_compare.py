@@ -70,6 +70,19 @@ def test_method_configs_rerun_get_config_then_apply_overrides(tmp_path):
     compare.method_configs(str(tmp_path / "missing.py"), ["hetlora"], ["0.5"])
 
 
+def test_natinst_config_runs_side_by_side_one_client_per_task_or_mixed():
+  from hetlora import experiment
+  configs = compare.method_configs(str(REPO / "configs" / "natinst_smollm2.py") + ":cpu",
+                                   ["hetlora", "homlora_min"], ["0", "0.5"])
+  assert list(configs) == ["hetlora_alpha0", "homlora_min_alpha0", "hetlora_alpha0.5", "homlora_min_alpha0.5"]
+  for name, c in configs.items():
+    experiment.validate(c)
+    assert c.data.num_clients == 18 and c.server.rounds == 4     # the :cpu budget, 18 seen tasks
+    assert c.data.partition == ("natural" if name.endswith("alpha0") else "dirichlet")
+  assert configs["hetlora_alpha0.5"].data.dirichlet_alpha == 0.5
+  assert configs["homlora_min_alpha0"].lora.rank_choices == (2,)
+
+
 def test_variants_run_every_method_again_with_their_fields(tmp_path):
   path = tmp_path / "fake.py"
   path.write_text(FAKE_CONFIG)
