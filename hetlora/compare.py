@@ -44,9 +44,11 @@ def accuracy_at(accuracy_by_round: list[tuple[int, float]], fraction: float, rou
 
 def row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
   """A run's table row; ``by_task`` / ``zero_shot_by_task``: its last / round-0 per-task metrics
-  (multiple-choice data; ``{}`` otherwise)."""
+  (multiple-choice data; ``{}`` otherwise); ``generation`` / ``zero_shot_generation``: the same for
+  a language model's evaluation by generation (ROUGE-L, exact match, answer loss)."""
   rounds = summary["rounds"]
   by_task = summary.get("by_task_by_round") or []
+  generation = summary.get("generation_by_round") or []
   return {
       "run": name,
       "method": summary["method"],
@@ -61,6 +63,8 @@ def row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
       "rounds": rounds,
       "by_task": dict(by_task[-1][1]) if by_task else {},
       "zero_shot_by_task": dict(by_task[0][1]) if by_task and by_task[0][0] == 0 else {},
+      "generation": dict(generation[-1][1]) if generation else {},
+      "zero_shot_generation": dict(generation[0][1]) if generation and generation[0][0] == 0 else {},
   }
 
 
@@ -122,6 +126,29 @@ def task_markdown(rows: list[dict[str, Any]]) -> str:
   body = line("base model (round 0)", "-", base["zero_shot_by_task"], "-") if base else ""
   body += "".join(line(r["run"], r["method"], r["by_task"], f"{r['train_seconds']:.0f} / {r['eval_seconds']:.0f}")
                   for r in rows)
+  return head + body
+
+
+GENERATION_COLUMNS = (("ROUGE-L, seen tasks", "test_rougeL"), ("ROUGE-L, unseen tasks", "test_rougeL_unseen"),
+                      ("exact match, seen", "test_exact_match"), ("exact match, unseen", "test_exact_match_unseen"),
+                      ("answer loss, seen", "test_loss"), ("answer loss, unseen", "test_loss_unseen"))
+
+
+def generation_markdown(rows: list[dict[str, Any]]) -> str:
+  """Language models evaluated by generation: the base model (the first run with a round 0), then
+  each run's last evaluation; ``-`` where a metric is not recorded (no unseen tasks, no
+  classification-like tasks)."""
+  head = (f"| run | method | {' | '.join(c for c, _ in GENERATION_COLUMNS)} | train / eval time (s) |\n"
+          f"|{'---|' * (len(GENERATION_COLUMNS) + 3)}\n")
+
+  def line(run, method, metrics, seconds):
+    cells = " | ".join(f"{metrics[k]:.3f}" if k in metrics else "-" for _, k in GENERATION_COLUMNS)
+    return f"| {run} | {method} | {cells} | {seconds} |\n"
+
+  base = next((r for r in rows if r["zero_shot_generation"]), None)
+  body = line("base model (round 0)", "-", base["zero_shot_generation"], "-") if base else ""
+  body += "".join(line(r["run"], r["method"], r["generation"], f"{r['train_seconds']:.0f} / {r['eval_seconds']:.0f}")
+                  for r in rows if r["generation"])
   return head + body
 
 
@@ -256,6 +283,8 @@ def compare(configs: Mapping[str, ml_collections.ConfigDict], out_dir: str | Pat
       tables += "\n" + seed_markdown(rows)
     if any(r["by_task"] for r in rows):
       tables += "\n" + task_markdown(rows)
+    if any(r["generation"] for r in rows):
+      tables += "\n" + generation_markdown(rows)
     (out_dir / "results.md").write_text(tables + "\n" + rank_markdown(summaries))
     _plot(summaries, out_dir / "accuracy.png")
   return rows

@@ -444,6 +444,8 @@ def history_last(history: list[dict[str, Any]], key: str) -> float:
 
 GENERATION_SUMMARY = ("test_rougeL", "test_rougeL_unseen", "test_exact_match", "test_exact_match_unseen",
                       "test_loss_unseen")
+# what a language model's evaluation by generation records each time, for ``generation_by_round``
+GENERATION_METRICS = (*GENERATION_SUMMARY, "test_loss")
 
 
 def _summary(config, exp, state, history) -> dict[str, Any]:
@@ -475,9 +477,9 @@ def _summary(config, exp, state, history) -> dict[str, Any]:
   by_task = [(row["round"], metrics) for row in history if (metrics := _task_metrics(row))]
   if by_task:
     summary["by_task_by_round"] = by_task
-  if any("test_rougeL" in row for row in history):
-    summary["rougeL_by_round"] = [(row["round"], row["test_rougeL"], row.get("test_rougeL_unseen"))
-                                  for row in history if "test_rougeL" in row]
+  if any("test_rougeL" in row for row in history):   # round 0 is the base model when eval.at_start
+    summary["generation_by_round"] = [(row["round"], {k: row[k] for k in GENERATION_METRICS if k in row})
+                                      for row in history if "test_rougeL" in row]
   return summary
 
 

@@ -38,10 +38,10 @@ def main(argv):
     print(f"final test loss: {summary['final_test_loss']:.4f}")
   else:
     print(f"final test accuracy: {summary['final_test_accuracy']:.4f}")
-  if "rougeL_by_round" in summary:
+  if "generation_by_round" in summary:
     print("test ROUGE-L by round (seen tasks, unseen tasks): " + ", ".join(
-        f"{r}: {seen:.3f}" + ("" if unseen is None else f" / {unseen:.3f}")
-        for r, seen, unseen in summary["rougeL_by_round"]))
+        f"{r}: {m['test_rougeL']:.3f}" + (f" / {m['test_rougeL_unseen']:.3f}" if "test_rougeL_unseen" in m else "")
+        for r, m in summary["generation_by_round"]))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,22 @@ def test_row_and_markdown():
   assert "| 1,000 | 4.00 -> 3.00 | 12 |" in table
 
 
+def test_generation_table_puts_the_base_model_first_and_marks_what_was_not_recorded():
+  def summary(by_round):
+    return {"rounds": 2, "method": "hetlora", "final_test_accuracy": float("nan"), "accuracy_by_round": [],
+            "total_comm_params": 10, "train_seconds": 30.0, "eval_seconds": 12.0, "generation_by_round": by_round}
+  with_base = compare.row("hetlora_alpha0", summary(
+      [(0, {"test_rougeL": 0.2, "test_rougeL_unseen": 0.3, "test_loss": 3.0}),
+       (2, {"test_rougeL": 0.25, "test_rougeL_unseen": 0.35, "test_loss": 2.5})]))
+  without = compare.row("homlora_min_alpha0", summary([(2, {"test_rougeL": 0.1, "test_loss": 2.9})]))
+  assert without["zero_shot_generation"] == {} and with_base["generation"]["test_rougeL"] == 0.25
+  lines = compare.generation_markdown([without, with_base]).splitlines()
+  assert len(lines) == 5 and lines[0].startswith("| run | method | ROUGE-L, seen tasks | ROUGE-L, unseen tasks |")
+  assert lines[2] == "| base model (round 0) | - | 0.200 | 0.300 | - | - | 3.000 | - | - |"
+  assert lines[3] == "| homlora_min_alpha0 | hetlora | 0.100 | - | - | - | 2.900 | - | 30 / 12 |"
+  assert lines[4].startswith("| hetlora_alpha0 | hetlora | 0.250 | 0.350 |")
+
+
 def test_rank_table_shows_the_rounds_where_ranks_fall_and_names_runs_that_keep_them():
   pruned = {"rank_counts_by_round": [(0, {"2": 2, "4": 2}), (1, {"2": 2, "4": 2}), (2, {"1": 1, "2": 1, "4": 2}),
                                      (3, {"1": 1, "2": 1, "4": 2}), (4, {"1": 1, "2": 2, "4": 1})]}

@@ -257,7 +257,8 @@ def test_trainer_records_rouge_l_from_round_0_and_writes_generations(tiny_model_
   for row in rows:
     assert {"test_rougeL", "test_rougeL_unseen", "test_loss", "test_loss_unseen", "test_perplexity_unseen"} <= set(row)
     assert 0.0 <= row["test_rougeL"] <= 1.0 and "eval_s" in row["time"]
-  assert summary["rounds"] == 1 and [r for r, *_ in summary["rougeL_by_round"]] == [0, 1]
+  assert summary["rounds"] == 1 and [r for r, _ in summary["generation_by_round"]] == [0, 1]
+  assert summary["generation_by_round"][0][1]["test_rougeL_unseen"] == rows[0]["test_rougeL_unseen"]
   assert summary["final_test_rougeL_unseen"] == rows[-1]["test_rougeL_unseen"]
   for r in (0, 1):
     samples = [json.loads(line) for line in
