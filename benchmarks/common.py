@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402  (after the path set-up so `hetlora` imports from the checkout)
+from hetlora import compare  # noqa: E402
 
 
 def block(tree: Any) -> Any:
@@ -63,6 +64,7 @@ def machine() -> dict[str, Any]:
   import optax
   return {
       "platform": platform.platform(),
+      "cpu": compare.cpu_model(),
       "cpu_count": os.cpu_count(),
       "devices": [str(d) for d in jax.devices()],
       "python": platform.python_version(),

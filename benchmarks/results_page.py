@@ -147,7 +147,7 @@ def _machine(data: dict[str, Any]) -> str:
   if isinstance(m, dict):
     parts = []
     if m.get("cpu_count"):
-      parts.append(f"{m['cpu_count']} CPU cores")
+      parts.append(f"{m['cpu_count']} CPU cores" + (f" ({m['cpu']})" if m.get("cpu") else ""))
     if m.get("devices"):
       parts.append("devices " + ", ".join(m["devices"]))
     if m.get("platform"):

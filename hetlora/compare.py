@@ -4,8 +4,9 @@
 config (same seed, clients, ranks and budget, by construction of the
 configs), then writes ``results.md`` (a Markdown table; for runs repeated over
 seeds a second one of their mean +- std; for multiple-choice data one of per-task
-accuracy, the base model first; then clients per rank by round for the runs
-whose ranks change), ``results.json``
+accuracy, the base model first; for language models evaluated by generation
+one of ROUGE-L and exact match on seen and unseen tasks; then clients per rank
+by round for the runs whose ranks change), ``results.json``
 and ``accuracy.png`` (test accuracy vs round, one line per run) to
 ``out_dir`` (process 0 only, on several hosts). Runs already finished in
 ``out_dir/<name>`` are resumed, not redone.
@@ -14,7 +15,8 @@ and ``accuracy.png`` (test accuracy vs round, one line per run) to
 builds those configs from one config file: ``get_config`` with
 ``method=<m>,alpha=<a>`` added to the file's argument, then the
 ``--config.<field>=`` overrides on top; ``variants`` and ``seeds`` repeat every
-run per ablation and per seed.
+run per ablation and per seed. :func:`cpu_model` names the processor for a
+result's provenance: float results and speeds differ between processors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import platform
 import re
 import shlex
 import sys
@@ -33,6 +36,19 @@ import ml_collections
 import numpy as np
 
 from hetlora import trainer
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+  """The processor's model name (Linux: ``model name`` of ``cpuinfo``; elsewhere the platform's
+  processor string), ``''`` when unknown."""
+  try:
+    for line in Path(cpuinfo).read_text().splitlines():
+      key, _, value = line.partition(":")
+      if key.strip() == "model name" and value.strip():
+        return value.strip()
+  except OSError:
+    pass
+  return platform.processor()
 
 
 def accuracy_at(accuracy_by_round: list[tuple[int, float]], fraction: float, rounds: int) -> float:

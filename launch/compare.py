@@ -84,7 +84,7 @@ def provenance() -> dict:
   return {
       "command": shlex.join(["python", script.as_posix(), *sys.argv[1:]]),
       "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+      "machine": {"platform": platform.platform(), "cpu": compare.cpu_model(), "cpu_count": os.cpu_count(),
                   "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
                   "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
   }

@@ -13,6 +13,13 @@ from hetlora import compare
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_cpu_model_reads_the_model_name(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+  assert compare.cpu_model(info) == "AMD EPYC 9654 96-Core Processor"
+  assert isinstance(compare.cpu_model(tmp_path / "absent"), str)   # the platform's string, maybe ''
+
+
 def test_accuracy_at_fraction_of_rounds():
   accs = [(2, 0.1), (4, 0.3), (6, 0.5), (8, 0.7)]
   assert compare.accuracy_at(accs, 0.25, 8) == 0.1
