@@ -85,11 +85,14 @@ def row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+  """One line per run; ``-`` for accuracies a run does not record (a language model's are in
+  :func:`generation_markdown`)."""
+  acc = lambda x: "-" if np.isnan(x) else f"{x:.4f}"
   head = ("| run | method | final acc | acc @25% | acc @50% | uploaded params / round | mean client rank, "
           "start -> end | train time (s) |\n|---|---|---|---|---|---|---|---|\n")
   body = "".join(
-      f"| {r['run']} | {r['method']} | {r['final_accuracy']:.4f} | {r['accuracy_at_25pct']:.4f} | "
-      f"{r['accuracy_at_50pct']:.4f} | {r['comm_params_per_round']:,.0f} | "
+      f"| {r['run']} | {r['method']} | {acc(r['final_accuracy'])} | {acc(r['accuracy_at_25pct'])} | "
+      f"{acc(r['accuracy_at_50pct'])} | {r['comm_params_per_round']:,.0f} | "
       f"{r['mean_rank_start']:.2f} -> {r['mean_rank_end']:.2f} | {r['train_seconds']:.0f} |\n"
       for r in rows)
   return head + body

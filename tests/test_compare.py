@@ -47,6 +47,7 @@ def test_generation_table_puts_the_base_model_first_and_marks_what_was_not_recor
        (2, {"test_rougeL": 0.25, "test_rougeL_unseen": 0.35, "test_loss": 2.5})]))
   without = compare.row("homlora_min_alpha0", summary([(2, {"test_rougeL": 0.1, "test_loss": 2.9})]))
   assert without["zero_shot_generation"] == {} and with_base["generation"]["test_rougeL"] == 0.25
+  assert "| homlora_min_alpha0 | hetlora | - | - | - | 5 |" in compare.markdown([without])
   lines = compare.generation_markdown([without, with_base]).splitlines()
   assert len(lines) == 5 and lines[0].startswith("| run | method | ROUGE-L, seen tasks | ROUGE-L, unseen tasks |")
   assert lines[2] == "| base model (round 0) | - | 0.200 | 0.300 | - | - | 3.000 | - | - |"
