@@ -47,6 +47,7 @@ import optax
 import common
 import setups
 from hetlora import client as client_lib
+from hetlora import compare
 from hetlora import lora as lora_lib
 from hetlora import memory
 from hetlora import methods
@@ -58,12 +59,7 @@ MiB = 2**20
 
 def cpu_name() -> str:
   """``model name`` of ``/proc/cpuinfo``, the usable cores and the load average."""
-  name = "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-  except OSError:
-    pass
+  name = compare.cpu_model() or "unknown CPU"
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return f"{name}, {cores} cores, load average {common.loadavg()}"
 

@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -163,13 +162,8 @@ def controls(adapter, cfg):
 
 
 def cpu_name() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+  from hetlora import compare as compare_lib
+  return compare_lib.cpu_model() or "unknown"
 
 
 def compare(ours_base, ours_adapted, cpp_base, cpp_adapted) -> dict:
