@@ -59,7 +59,7 @@ GROUPS: list[tuple[str, list[str]]] = [
     ("Method comparisons", ["banking77_cpu15/results", "banking77_cpu15/seeds*", "banking77_cpu15/*",
                             "banking77_cpu/methods", "banking77_cpu/*"]),
     ("Image classification", ["mnist_vit_cpu/results", "mnist_vit*", "vit_parity*"]),
-    ("LLM", ["commonsense*", "decoder_round", "decoder_round_*"]),
+    ("LLM", ["natinst*", "commonsense*", "decoder_round", "decoder_round_*"]),
     ("Throughput and memory", ["round_throughput_tiny", "round_throughput_*", "peer_comparison",
                                "peer_comparison_*", "aggregation_time*", "flexlora_svd*", "screening_overhead*"]),
     ("Deployment round trips", ["flower_round", "flower_round_*", "peft_roundtrip*", "llamacpp_roundtrip",
