@@ -141,14 +141,17 @@ def losses_and_grads(loaded, lora, batch):
 
 def max_diffs(loaded, lora, cols, slots):
   """``(max |loss diff|, max |grad diff|, packed rows)`` of the unpacked and packed batch of ``slots``
-  (printed: ``pytest -s`` shows them)."""
+  (printed: ``pytest -s`` shows them). The loss difference is relative to the largest loss when
+  that exceeds 1: float32 losses of a real model (~10) differ in their last bits with the order
+  of the sums, by ~1e-5 on some processors (AVX-512), where the tiny models' losses (~1) do not."""
   plain, packed = both_forms(cols, slots)
   l0, g0 = losses_and_grads(loaded, lora, plain)
   l1, g1 = losses_and_grads(loaded, lora, packed)
   grad = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
   assert np.abs(l0).max() > 0.1 and max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0)) > 1e-4
-  loss, rows = float(np.max(np.abs(l0 - l1))), packed["input_ids"].shape[0]
-  print(f"max |loss diff| {loss:.2e}, max |grad diff| {grad:.2e}; {len(slots)} slots in {rows} rows")
+  scale = max(1.0, float(np.abs(l0).max()))
+  loss, rows = float(np.max(np.abs(l0 - l1))) / scale, packed["input_ids"].shape[0]
+  print(f"max |loss diff| / {scale:.3g}: {loss:.2e}, max |grad diff| {grad:.2e}; {len(slots)} slots in {rows} rows")
   return loss, grad, rows
 
 
