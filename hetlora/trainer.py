@@ -477,9 +477,10 @@ def _summary(config, exp, state, history) -> dict[str, Any]:
   by_task = [(row["round"], metrics) for row in history if (metrics := _task_metrics(row))]
   if by_task:
     summary["by_task_by_round"] = by_task
-  if any("test_rougeL" in row for row in history):   # round 0 is the base model when eval.at_start
-    summary["generation_by_round"] = [(row["round"], {k: row[k] for k in GENERATION_METRICS if k in row})
-                                      for row in history if "test_rougeL" in row]
+  generation = [(row["round"], {k: row[k] for k in GENERATION_METRICS if k in row})
+                for row in history if "test_rougeL" in row]   # round 0 is the base model when eval.at_start
+  if generation:
+    summary["generation_by_round"] = generation
   return summary
 
 
